@@ -1,0 +1,128 @@
+"""Data sets: the embedded Fashion-MNIST (Debian's ``dataset-fashion-mnist``), CIFAR-10/100 and
+ImageNet from local folders. Nothing is downloaded."""
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+from .errors import UserError
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+# Fashion-MNIST training-set mean/std of pixel values in [0, 1].
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
+
+
+@dataclass
+class DataInfo:
+    train: Dataset
+    val: Dataset
+    num_classes: int
+    in_channels: int
+    input_size: Tuple[int, int, int, int]  # (1, C, H, W) of one sample, for the cost model
+
+
+def _read_idx(path: str) -> np.ndarray:
+    """Read a (gzipped) IDX file: magic (2 zero bytes, dtype code 0x08, ndim), big-endian dims, data."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise UserError(f"data.root: {path!r} is not an unsigned-byte IDX file")
+    ndim = raw[3]
+    dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(np.int64)
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise UserError(f"data.root: {path!r} is truncated ({data.size} of {int(np.prod(dims))} values)")
+    return data.reshape(tuple(dims))
+
+
+def fashion_mnist(root: str = FASHION_MNIST_DIR, split: str = "train") -> TensorDataset:
+    """Fashion-MNIST as a normalised float TensorDataset ``(N, 1, 28, 28)``, labels ``(N,)``."""
+    img_name, lbl_name = FASHION_MNIST_FILES[split]
+    paths = [os.path.join(root, img_name), os.path.join(root, lbl_name)]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise UserError(f"data.root: Fashion-MNIST file {missing[0]!r} not found; install it with "
+                        f"'apt-get install -y dataset-fashion-mnist' (files go to {FASHION_MNIST_DIR}) or "
+                        f"set data.root to a folder holding {', '.join(sum(FASHION_MNIST_FILES.values(), ()))}")
+    images = torch.from_numpy(_read_idx(paths[0]).copy()).float().div_(255.0)
+    labels = torch.from_numpy(_read_idx(paths[1]).astype(np.int64))
+    if images.shape[0] != labels.shape[0]:
+        raise UserError(f"data.root: {paths[0]!r} and {paths[1]!r} hold different numbers of samples")
+    images = images.sub_(FASHION_MNIST_MEAN).div_(FASHION_MNIST_STD).unsqueeze(1)
+    return TensorDataset(images, labels)
+
+
+def _cifar(root: str, name: str, train: bool):
+    import torchvision
+    from torchvision import transforms as T
+    folder = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}[name]
+    if not os.path.isdir(os.path.join(root, folder)):
+        raise UserError(f"data.root: {os.path.join(root, folder)!r} not found; expected torchvision's "
+                        f"{name.upper()} layout: <root>/{folder}/ (the extracted python-version archive)")
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+    tf = (T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+          if train else T.Compose([T.ToTensor(), T.Normalize(mean, std)]))
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    try:
+        return cls(root, train=train, transform=tf, download=False)
+    except RuntimeError as e:
+        raise UserError(f"data.root: {root!r}: {e}") from None
+
+
+def _imagenet(root: str, train: bool, image_size: int = 224):
+    import torchvision
+    from torchvision import transforms as T
+    sub = os.path.join(root, "train" if train else "val")
+    if not os.path.isdir(sub):
+        raise UserError(f"data.root: {sub!r} not found; expected an ImageFolder tree "
+                        f"<root>/train/<class>/*.JPEG and <root>/val/<class>/*.JPEG")
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    if train:
+        tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+    else:
+        tf = T.Compose([T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size), T.ToTensor(),
+                        T.Normalize(mean, std)])
+    return torchvision.datasets.ImageFolder(sub, transform=tf)
+
+
+def seeded_subset(ds: Dataset, size: Optional[int], seed: int) -> Dataset:
+    """A fixed random subset of ``size`` samples (all of ``ds`` when ``size`` is falsy or too big)."""
+    if not size or size >= len(ds):
+        return ds
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(ds), generator=g)[:size].tolist()
+    return Subset(ds, idx)
+
+
+def build_datasets(name: str, root: Optional[str] = None, train_subset: Optional[int] = None,
+                   val_subset: Optional[int] = None, seed: int = 0, image_size: int = 224) -> DataInfo:
+    """Train / held-out datasets by name: ``fashion_mnist``, ``cifar10``, ``cifar100``, ``imagenet``."""
+    if name == "fashion_mnist":
+        root = root or FASHION_MNIST_DIR
+        train, val = fashion_mnist(root, "train"), fashion_mnist(root, "test")
+        info = (10, 1, (1, 1, 28, 28))
+    elif name in ("cifar10", "cifar100"):
+        if not root:
+            raise UserError(f"data.root: {name} needs a local folder (torchvision's format); nothing is downloaded")
+        train, val = _cifar(root, name, True), _cifar(root, name, False)
+        info = (10 if name == "cifar10" else 100, 3, (1, 3, 32, 32))
+    elif name == "imagenet":
+        if not root:
+            raise UserError("data.root: imagenet needs a local ImageFolder tree with train/ and val/")
+        train, val = _imagenet(root, True, image_size), _imagenet(root, False, image_size)
+        info = (len(train.classes), 3, (1, 3, image_size, image_size))
+    else:
+        raise UserError(f"data.name: unknown data set {name!r}; allowed: ['fashion_mnist', 'cifar10', "
+                        f"'cifar100', 'imagenet']")
+    return DataInfo(seeded_subset(train, train_subset, seed), seeded_subset(val, val_subset, seed + 1), *info)

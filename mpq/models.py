@@ -1,0 +1,121 @@
+"""Models: any torchvision classifier by name, a CIFAR ResNet-20 and the small embedded-default CNN."""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from .errors import UserError
+
+
+class BasicBlockCifar(nn.Module):
+    """ResNet basic block (He et al., 2016, CIFAR variant) with a 1x1-conv projection shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                            nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class CifarResNet(nn.Module):
+    """CIFAR-style ResNet: 3 stages of ``n`` basic blocks with ``widths`` channels (ResNet-20: n=3)."""
+
+    def __init__(self, n: int = 3, widths=(16, 32, 64), num_classes: int = 10,
+                 in_channels: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        blocks, cin = [], widths[0]
+        for i, w in enumerate(widths):
+            for j in range(n):
+                blocks.append(BasicBlockCifar(cin, w, 2 if (i > 0 and j == 0) else 1))
+                cin = w
+        self.layers = nn.Sequential(*blocks)
+        self.fc = nn.Linear(cin, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layers(x)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def resnet20(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
+    return CifarResNet(3, (16, 32, 64), num_classes, in_channels)
+
+
+class SmallCNN(nn.Module):
+    """The embedded default's model: a 6-layer CNN for 28x28 grey images (~75k parameters).
+
+    Small on purpose: at 2 bits it loses measurable accuracy against 6 bits, so the search has
+    something to decide, and one epoch of supernet training fits in minutes on 2 CPU cores.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 16) -> None:
+        super().__init__()
+        w = width
+
+        def block(cin: int, cout: int, stride: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
+                                 nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+        self.features = nn.Sequential(block(in_channels, w, 1), block(w, 2 * w, 2),
+                                      block(2 * w, 2 * w, 1), block(2 * w, 4 * w, 2),
+                                      block(4 * w, 4 * w, 1))
+        self.fc = nn.Linear(4 * w, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+LOCAL_MODELS: Dict[str, Callable[..., nn.Module]] = {"resnet20": resnet20, "small_cnn": SmallCNN}
+
+
+def build_model(name: str, num_classes: int = 1000, in_channels: int = 3,
+                pretrained: Optional[str] = None) -> nn.Module:
+    """Build a float model: ``resnet20``, ``small_cnn`` or any torchvision classifier by name.
+
+    ``pretrained`` is a local file with a float ``state_dict`` (loaded with ``weights_only=True``);
+    nothing is downloaded.
+    """
+    if name in LOCAL_MODELS:
+        model = LOCAL_MODELS[name](num_classes=num_classes, in_channels=in_channels)
+    else:
+        import torchvision
+        available = torchvision.models.list_models(module=torchvision.models)
+        if name not in available:
+            raise UserError(f"model.name: unknown model {name!r}; choose 'resnet20', 'small_cnn' or a "
+                            f"torchvision classifier such as resnet18, resnet50, mobilenet_v2")
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+        if in_channels != 3:
+            raise UserError(f"model.in_channels: torchvision models take 3 channels, got {in_channels}")
+    if pretrained:
+        import os
+        if not os.path.isfile(pretrained):
+            raise UserError(f"model.pretrained: no such file {pretrained!r} (a float state_dict saved "
+                            f"with torch.save)")
+        state = torch.load(pretrained, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise UserError(f"model.pretrained: {pretrained!r} does not fit model {name!r}: "
+                            f"{str(e).splitlines()[0]}") from None
+    return model

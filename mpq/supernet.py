@@ -1,0 +1,223 @@
+"""Supernet conversion and bit-configuration API.
+
+A *configuration* is a dict ``{layer_name: (w_bits, a_bits)}`` over the quantized layers of a model,
+named as in ``model.named_modules()`` of the float model.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, Iterator, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .layers import QUANT_LAYERS, QuantConv2d, QuantLinear, SwitchableBatchNorm2d, bn_key
+from .quantizer import check_bits
+
+BitConfig = Dict[str, Tuple[int, int]]
+PINNED_BITS = 8
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel / torch.compile wrapper."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module) and not isinstance(model, QUANT_LAYERS):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _convertible(model: nn.Module, prefix: str = "") -> Iterator[Tuple[str, nn.Module]]:
+    """Conv2d/Linear layers in registration order, skipping those inside nn.MultiheadAttention
+    (its fused kernel reads ``out_proj.weight`` directly, so a replaced forward would never run)."""
+    for name, child in model.named_children():
+        full = f"{prefix}.{name}" if prefix else name
+        if isinstance(child, nn.MultiheadAttention):
+            continue
+        if isinstance(child, (nn.Conv2d, nn.Linear)) and not isinstance(child, QUANT_LAYERS):
+            yield full, child
+        else:
+            yield from _convertible(child, full)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, module)
+
+
+def quantize_model(model: nn.Module, w_bits: Sequence[int] = (2, 3, 4, 5, 6),
+                   a_bits: Sequence[int] = (2, 3, 4, 5, 6),
+                   keep_8bit: Iterable[str] = ("first", "last"), per_channel: bool = True,
+                   bn: str = "shared") -> nn.Module:
+    """Turn every Conv2d/Linear of ``model`` into a switchable-precision layer, in place.
+
+    Args:
+        w_bits, a_bits: candidate weight / activation bit-widths (2-8, 32 = float).
+        keep_8bit: layers pinned to 8/8 bits: ``"first"``, ``"last"`` and/or layer names; ``()``
+            quantizes every layer with the candidates.
+        per_channel: per-output-channel weight step sizes (else per tensor).
+        bn: ``"shared"`` (one BatchNorm per layer; re-calibrate per configuration before evaluating)
+            or ``"switchable"`` (one BatchNorm per (w_bits, a_bits) of the conv that feeds it).
+    Returns the same ``model`` object.
+    """
+    w_bits = check_bits(w_bits, "w_bits")
+    a_bits = check_bits(a_bits, "a_bits")
+    if bn not in ("shared", "switchable"):
+        raise ValueError(f"bn: {bn!r} is not allowed; allowed: ['shared', 'switchable']")
+    layers = list(_convertible(model))
+    if not layers:
+        raise ValueError("quantize_model: the model has no Conv2d or Linear layer to quantize")
+    names = [n for n, _ in layers]
+    pinned = set()
+    for k in keep_8bit:
+        if k == "first":
+            pinned.add(names[0])
+        elif k == "last":
+            pinned.add(names[-1])
+        elif k in names:
+            pinned.add(k)
+        else:
+            raise ValueError(f"keep_8bit: {k!r} is neither 'first', 'last' nor a quantizable layer; "
+                             f"layers: {names}")
+    for name, layer in layers:
+        wb, ab = ((PINNED_BITS,), (PINNED_BITS,)) if name in pinned else (w_bits, a_bits)
+        cls = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
+        _set_submodule(model, name, cls.from_float(layer, wb, ab, per_channel=per_channel))
+    if bn == "switchable":
+        _make_switchable_bn(model)
+    model.mpq_spec = {"w_bits": list(w_bits), "a_bits": list(a_bits),
+                      "pinned": sorted(pinned), "per_channel": per_channel, "bn": bn}
+    return model
+
+
+def _make_switchable_bn(model: nn.Module) -> None:
+    """Replace each BatchNorm2d that directly follows a quantized conv (in registration order, with
+    matching channels) by a :class:`SwitchableBatchNorm2d` linked to that conv."""
+    prev_name, prev = None, None
+    pairs = []
+    for name, m in model.named_modules():
+        if len(list(m.children())) and not isinstance(m, QUANT_LAYERS):
+            continue
+        if isinstance(m, nn.BatchNorm2d) and isinstance(prev, QuantConv2d) and prev.out_channels == m.num_features:
+            pairs.append((name, m, prev_name, prev))
+        if not isinstance(m, (nn.Identity,)) and not _inside_quant(name, prev_name, m):
+            prev_name, prev = name, m
+    for name, bnm, src_name, src in pairs:
+        keys = [bn_key(w, a) for w in src.w_candidates for a in src.a_candidates]
+        sbn = SwitchableBatchNorm2d(bnm, keys)
+        sbn.source = src_name
+        sbn.active = bn_key(src.w_bits, src.a_bits)
+        _set_submodule(model, name, sbn)
+
+
+def _inside_quant(name: str, prev_name: Optional[str], m: nn.Module) -> bool:
+    # The quantizers are children of a quant layer; they must not count as "the previous layer".
+    return prev_name is not None and name.startswith(prev_name + ".")
+
+
+def quant_layers(model: nn.Module) -> Dict[str, nn.Module]:
+    """``{name: layer}`` of the switchable layers, in registration order."""
+    model = unwrap(model)
+    return {n: m for n, m in model.named_modules() if isinstance(m, QUANT_LAYERS)}
+
+
+def _switchable_bns(model: nn.Module) -> Iterator[SwitchableBatchNorm2d]:
+    for m in unwrap(model).modules():
+        if isinstance(m, SwitchableBatchNorm2d):
+            yield m
+
+
+def _check_pair(name: str, value, layer) -> Tuple[int, int]:
+    allowed = f"allowed w_bits {list(layer.w_candidates)}, a_bits {list(layer.a_candidates)}"
+    if (not isinstance(value, (tuple, list)) or len(value) != 2
+            or any(isinstance(v, bool) or not isinstance(v, int) for v in value)):
+        raise ValueError(f"layer {name!r}: malformed bit value {value!r}; expected a pair "
+                         f"(w_bits, a_bits) of integers, {allowed}")
+    w, a = int(value[0]), int(value[1])
+    if w not in layer.w_candidates or a not in layer.a_candidates:
+        raise ValueError(f"layer {name!r}: bits (w={w}, a={a}) are not among the candidates; {allowed}")
+    return w, a
+
+
+def set_bits(model: nn.Module, config: Mapping[str, Sequence[int]]) -> None:
+    """Select a subnet: set ``(w_bits, a_bits)`` of the named layers (others keep theirs).
+
+    The whole config is validated before anything changes; a bad entry raises ``ValueError`` naming
+    the layer and the allowed values.
+    """
+    layers = quant_layers(model)
+    if not isinstance(config, Mapping):
+        raise ValueError(f"config must be a mapping {{layer_name: (w_bits, a_bits)}}, got {type(config).__name__}")
+    checked = {}
+    for name, value in config.items():
+        if name not in layers:
+            raise ValueError(f"unknown layer {name!r}; quantized layers: {list(layers)}")
+        checked[name] = _check_pair(name, value, layers[name])
+    for name, (w, a) in checked.items():
+        layers[name].set_active(w, a)
+    for sbn in _switchable_bns(model):
+        src = layers[sbn.source]
+        sbn.active = bn_key(src.w_bits, src.a_bits)
+
+
+def get_bits(model: nn.Module) -> BitConfig:
+    """The active configuration ``{layer_name: (w_bits, a_bits)}``."""
+    return {n: (m.w_bits, m.a_bits) for n, m in quant_layers(model).items()}
+
+
+def uniform_config(model: nn.Module, w_bits: int, a_bits: int) -> BitConfig:
+    """Every quantized layer at ``w_bits``/``a_bits``; pinned (8/8) layers keep their bits."""
+    cfg = {}
+    for name, layer in quant_layers(model).items():
+        if layer.w_candidates == (PINNED_BITS,) and layer.a_candidates == (PINNED_BITS,):
+            cfg[name] = (PINNED_BITS, PINNED_BITS)
+        else:
+            cfg[name] = _check_pair(name, (w_bits, a_bits), layer)
+    return cfg
+
+
+def _w_choices(layer, respect_frozen: bool) -> Tuple[int, ...]:
+    return tuple(layer.w_allowed) if respect_frozen else layer.w_candidates
+
+
+def max_config(model: nn.Module) -> BitConfig:
+    """Every layer at its highest candidate bit-widths."""
+    return {n: (max(m.w_candidates), max(m.a_candidates)) for n, m in quant_layers(model).items()}
+
+
+def min_config(model: nn.Module, respect_frozen: bool = True) -> BitConfig:
+    """Every layer at its lowest bit-widths (the lowest *allowed* weight bits when ``respect_frozen``)."""
+    return {n: (min(_w_choices(m, respect_frozen)), min(m.a_candidates))
+            for n, m in quant_layers(model).items()}
+
+
+def random_config(model: nn.Module, generator: Optional[torch.Generator] = None,
+                  respect_frozen: bool = True) -> BitConfig:
+    """Independently uniform per layer over its (allowed) candidates, drawn from ``generator``.
+
+    Every rank of a distributed job passes a generator seeded alike, so all draw the same config.
+    """
+    cfg = {}
+    for name, m in quant_layers(model).items():
+        ws = _w_choices(m, respect_frozen)
+        wi = int(torch.randint(len(ws), (1,), generator=generator))
+        ai = int(torch.randint(len(m.a_candidates), (1,), generator=generator))
+        cfg[name] = (ws[wi], m.a_candidates[ai])
+    return cfg
+
+
+def calibrate_activations(model: nn.Module, batch: torch.Tensor) -> None:
+    """Initialise every activation step size (and its sign) from one batch, at the max config."""
+    net = unwrap(model)
+    saved = get_bits(net)
+    set_bits(net, max_config(net))
+    for layer in quant_layers(net).values():
+        layer.a_quant.initialized.fill_(False)
+    was_training = net.training
+    net.eval()
+    with torch.no_grad():
+        net(batch)
+    net.train(was_training)
+    set_bits(net, saved)

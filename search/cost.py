@@ -1,0 +1,102 @@
+"""Cost model: BitOPs and weight size of a bit configuration.
+
+    BitOPs(conv)   = b_w * b_a * K_h * K_w * (C_in / groups) * C_out * H_out * W_out
+    BitOPs(linear) = b_w * b_a * C_in * C_out * tokens     (tokens = 1 for a plain classifier head)
+    size           = sum(params * b_w) / 8 bytes           (bias and float layers counted at 32 bits)
+
+The MAC count of each layer is measured once per input size with forward hooks, then any
+configuration's cost is a dot product with the per-layer bit products.
+"""
+from __future__ import annotations
+
+from typing import Dict, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from mpq.layers import QuantConv2d, QuantLinear
+from mpq.supernet import get_bits, quant_layers, unwrap
+
+
+class BitOpsCounter:
+    """Per-layer multiply-accumulate counts of a supernet at one input size (per sample).
+
+    >>> counter = BitOpsCounter(net, (1, 3, 224, 224))
+    >>> counter.bitops(cfg)   # float BitOPs of cfg
+    """
+
+    def __init__(self, model: nn.Module, input_size: Sequence[int]) -> None:
+        self.model = unwrap(model)
+        self.input_size = tuple(input_size)
+        self.macs: Dict[str, int] = measure_macs(self.model, self.input_size)
+
+    def bitops(self, config: Optional[Mapping[str, Tuple[int, int]]] = None) -> float:
+        config = get_bits(self.model) if config is None else config
+        return float(sum(self.macs[n] * config[n][0] * config[n][1] for n in self.macs))
+
+    def layer_bitops(self, config: Mapping[str, Tuple[int, int]]) -> Dict[str, float]:
+        return {n: float(self.macs[n] * config[n][0] * config[n][1]) for n in self.macs}
+
+
+def measure_macs(model: nn.Module, input_size: Sequence[int]) -> Dict[str, int]:
+    """MACs per sample of every quantized layer, measured with forward hooks on a zero input."""
+    model = unwrap(model)
+    layers = quant_layers(model)
+    macs: Dict[str, int] = {n: 0 for n in layers}
+    batch = int(input_size[0]) if len(input_size) > 0 else 1
+
+    def hook(name):
+        def fn(mod, inputs, output):
+            if isinstance(mod, QuantConv2d):
+                k = mod.kernel_size[0] * mod.kernel_size[1] * (mod.in_channels // mod.groups)
+                macs[name] += k * output[0].numel()  # output[0]: C_out * H_out * W_out of one sample
+            elif isinstance(mod, QuantLinear):
+                tokens = output.numel() // (output.shape[0] * mod.out_features) if output.dim() > 1 else 1
+                macs[name] += mod.in_features * mod.out_features * tokens
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        p = next(model.parameters())
+        with torch.no_grad():
+            model(torch.zeros(tuple(input_size), device=p.device, dtype=p.dtype))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    del batch
+    return macs
+
+
+_COUNTERS: Dict[Tuple[int, Tuple[int, ...]], BitOpsCounter] = {}
+
+
+def bitops(model: nn.Module, config: Optional[Mapping[str, Tuple[int, int]]] = None,
+           input_size: Sequence[int] = (1, 3, 224, 224)) -> float:
+    """BitOPs of ``config`` (default: the active one) for one sample of ``input_size``."""
+    net = unwrap(model)
+    key = (id(net), tuple(input_size))
+    counter = _COUNTERS.get(key)
+    if counter is None or counter.model is not net:
+        counter = BitOpsCounter(net, input_size)
+        _COUNTERS[key] = counter
+    return counter.bitops(config)
+
+
+def model_size_bytes(model: nn.Module, config: Optional[Mapping[str, Tuple[int, int]]] = None) -> float:
+    """Weight size in bytes: quantized weights at their bit-width, everything else (biases, BN,
+    unquantized layers) at 32 bits. Step sizes are not counted."""
+    net = unwrap(model)
+    config = get_bits(net) if config is None else config
+    layers = quant_layers(net)
+    quant_weights = {id(m.weight) for m in layers.values()}
+    bits = sum(m.weight.numel() * config[n][0] for n, m in layers.items())
+    seen = set()
+    for name, p in net.named_parameters():
+        if id(p) in quant_weights or id(p) in seen or ".w_quant." in name or ".a_quant." in name:
+            continue
+        seen.add(id(p))
+        bits += p.numel() * 32
+    return bits / 8.0
