@@ -92,29 +92,40 @@ def quantize_model(model: nn.Module, w_bits: Sequence[int] = (2, 3, 4, 5, 6),
     return model
 
 
-def _make_switchable_bn(model: nn.Module) -> None:
-    """Replace each BatchNorm2d that directly follows a quantized conv (in registration order, with
-    matching channels) by a :class:`SwitchableBatchNorm2d` linked to that conv."""
+def bn_after_conv(model: nn.Module) -> Dict[str, str]:
+    """``{conv_layer_name: bn_module_name}`` for each BatchNorm2d (plain or switchable) that directly
+    follows a quantized conv in registration order with matching channels (conv -> BN as in every
+    torchvision CNN). Used for switchable BN and for IDM's post-BN feature alignment."""
+    model = unwrap(model)
+    links: Dict[str, str] = {}
     prev_name, prev = None, None
-    pairs = []
     for name, m in model.named_modules():
-        if len(list(m.children())) and not isinstance(m, QUANT_LAYERS):
+        if prev_name is not None and name.startswith(prev_name + "."):
+            continue  # children of a quant layer (its quantizers) or of a switchable BN
+        if isinstance(m, (nn.BatchNorm2d, SwitchableBatchNorm2d)):
+            if isinstance(prev, QuantConv2d) and prev.out_channels == m.num_features:
+                links[prev_name] = name
+        elif len(list(m.children())) and not isinstance(m, QUANT_LAYERS):
+            continue  # containers do not break a conv -> BN pair
+        if isinstance(m, nn.Identity):
             continue
-        if isinstance(m, nn.BatchNorm2d) and isinstance(prev, QuantConv2d) and prev.out_channels == m.num_features:
-            pairs.append((name, m, prev_name, prev))
-        if not isinstance(m, (nn.Identity,)) and not _inside_quant(name, prev_name, m):
-            prev_name, prev = name, m
-    for name, bnm, src_name, src in pairs:
+        prev_name, prev = name, m
+    return links
+
+
+def _make_switchable_bn(model: nn.Module) -> None:
+    """Replace each BatchNorm2d that directly follows a quantized conv by a
+    :class:`SwitchableBatchNorm2d` linked to that conv."""
+    for src_name, bn_name in bn_after_conv(model).items():
+        bnm = model.get_submodule(bn_name)
+        if isinstance(bnm, SwitchableBatchNorm2d):
+            continue
+        src = model.get_submodule(src_name)
         keys = [bn_key(w, a) for w in src.w_candidates for a in src.a_candidates]
         sbn = SwitchableBatchNorm2d(bnm, keys)
         sbn.source = src_name
         sbn.active = bn_key(src.w_bits, src.a_bits)
-        _set_submodule(model, name, sbn)
-
-
-def _inside_quant(name: str, prev_name: Optional[str], m: nn.Module) -> bool:
-    # The quantizers are children of a quant layer; they must not count as "the previous layer".
-    return prev_name is not None and name.startswith(prev_name + ".")
+        _set_submodule(model, bn_name, sbn)
 
 
 def quant_layers(model: nn.Module) -> Dict[str, nn.Module]:
