@@ -103,3 +103,28 @@ def test_quant_layer_weight_gradient_flows_through_ste():
     assert conv.weight.grad.abs().sum() > 0
     assert conv.w_quant.step["2"].grad is not None and conv.w_quant.step["4"].grad is None
     assert conv.a_quant.step["4"].grad is not None and conv.a_quant.step["2"].grad is None
+
+
+def test_compiled_kernel_matches_eager():
+    from mpq.quantizer import get_kernel, set_kernel
+    torch.manual_seed(0)
+    x = torch.randn(6, 4, 3, 3)
+    up = torch.randn_like(x)
+    results = {}
+    try:
+        for kernel in ("eager", "compiled"):
+            set_kernel(kernel)
+            for shape in [(1,), (6, 1, 1, 1)]:
+                xt = x.clone().requires_grad_()
+                st = torch.full(shape, 0.3).requires_grad_()
+                out = lsq_fake_quant(xt, st, 3, True, grad_scale=0.5)
+                out.backward(up)
+                results[kernel, shape] = (out.detach(), xt.grad, st.grad)
+    finally:
+        set_kernel("eager")
+    assert get_kernel() == "eager"
+    for shape in [(1,), (6, 1, 1, 1)]:
+        for e, c in zip(results["eager", shape], results["compiled", shape]):
+            torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="quant.kernel"):
+        set_kernel("fast")
