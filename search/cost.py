@@ -9,6 +9,7 @@ configuration's cost is a dot product with the per-layer bit products.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -43,7 +44,6 @@ def measure_macs(model: nn.Module, input_size: Sequence[int]) -> Dict[str, int]:
     model = unwrap(model)
     layers = quant_layers(model)
     macs: Dict[str, int] = {n: 0 for n in layers}
-    batch = int(input_size[0]) if len(input_size) > 0 else 1
 
     def hook(name):
         def fn(mod, inputs, output):
@@ -66,22 +66,21 @@ def measure_macs(model: nn.Module, input_size: Sequence[int]) -> Dict[str, int]:
         for h in handles:
             h.remove()
         model.train(was_training)
-    del batch
     return macs
 
 
-_COUNTERS: Dict[Tuple[int, Tuple[int, ...]], BitOpsCounter] = {}
+# Per-model cache of measured MACs (weak keys: a cached counter never keeps a model alive).
+_COUNTERS: "weakref.WeakKeyDictionary[nn.Module, Dict[Tuple[int, ...], BitOpsCounter]]" = weakref.WeakKeyDictionary()
 
 
 def bitops(model: nn.Module, config: Optional[Mapping[str, Tuple[int, int]]] = None,
            input_size: Sequence[int] = (1, 3, 224, 224)) -> float:
     """BitOPs of ``config`` (default: the active one) for one sample of ``input_size``."""
     net = unwrap(model)
-    key = (id(net), tuple(input_size))
-    counter = _COUNTERS.get(key)
-    if counter is None or counter.model is not net:
-        counter = BitOpsCounter(net, input_size)
-        _COUNTERS[key] = counter
+    per_size = _COUNTERS.setdefault(net, {})
+    counter = per_size.get(tuple(input_size))
+    if counter is None:
+        counter = per_size[tuple(input_size)] = BitOpsCounter(net, input_size)
     return counter.bitops(config)
 
 
