@@ -1,0 +1,85 @@
+"""``python train.py`` / ``mpq-train``: train a one-shot mixed-precision supernet.
+
+User errors (bad config key or value, missing file, bad checkpoint) print one line ``error: ...`` on
+stderr and exit with status 2, without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from .errors import UserError
+
+USAGE_EXAMPLES = """\
+examples:
+  python train.py                                        # embedded default: small CNN, Fashion-MNIST, CPU
+  python train.py train.epochs=1 output.name=quick       # any key can be overridden
+  python train.py --config configs/cifar10_resnet20.yaml data.root=/data/cifar
+  python train.py --config configs/imagenet_resnet18.yaml data.root=/data/imagenet train.epochs=150
+  torchrun --nproc_per_node 8 train.py --config configs/imagenet_resnet18.yaml data.root=/data/imagenet
+  python train.py --config ... --resume                  # continue from the newest valid checkpoint
+
+Results go to <output.dir>/<output.name>/: config.yaml, supernet.pt (latest checkpoint),
+ckpt-stepN.pt, metrics.jsonl, tb/ (TensorBoard).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import describe_schema
+    p = argparse.ArgumentParser(
+        prog="train.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a one-shot mixed-precision quantization supernet (sandwich sampling, "
+                    "in-place distillation, IDM, bit-width freezing scheduler). Runs as one process or "
+                    "under torchrun (DDP).",
+        epilog=USAGE_EXAMPLES + "\nconfig keys (section.key = default  [type] meaning):\n" + describe_schema())
+    p.add_argument("--config", metavar="FILE", help="YAML config merged over the embedded default")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest valid checkpoint of the run (same as train.resume=auto)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config and exit without training")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="config overrides, values parsed as YAML (e.g. train.lr=0.1 quant.w_bits=[2,4])")
+    return p
+
+
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+
+    def _arg_error(message: str) -> None:
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+    parser.error = _arg_error  # type: ignore[method-assign]
+    args = parser.parse_args(argv)
+    try:
+        from .config import dump_config, load_config
+        overrides = list(args.overrides)
+        if args.resume:
+            overrides.append("train.resume=auto")
+        cfg = load_config(args.config, overrides)
+        if args.print_config:
+            sys.stdout.write(dump_config(cfg))
+            return 0
+        from .trainer import Trainer, TrainingInterrupted
+        try:
+            Trainer(cfg).fit()
+        except TrainingInterrupted as e:
+            print(f"interrupted (signal {e.signum}); checkpoint written: {e.path}" if e.path
+                  else f"interrupted (signal {e.signum})", file=sys.stderr)
+            return 128 + e.signum
+    except UserError as e:
+        msg = " ".join(str(e).split())
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,500 @@
+"""Training configuration: nested YAML sections, defaults, command-line overrides and validation.
+
+A config is a dict of sections (``model``, ``data``, ``quant``, ``train``, ``distill``, ``idm``,
+``scheduler``, ``r2``, ``quant_noise``, ``aqt``, ``eval``, ``output``, ``dist``) of plain values.
+:func:`load_config` starts from the embedded default (:data:`DEFAULT_YAML`, identical to
+``configs/default.yaml``), merges a YAML file over it, then ``section.key=value`` overrides (values
+parsed as YAML scalars/lists), then validates every key against :data:`SCHEMA`. An unknown key, a
+wrong type or an impossible value raises :class:`mpq.UserError` naming the key, e.g.
+``train.lr: must be > 0, got -0.1``, before anything is trained.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+
+import yaml
+
+from .errors import UserError
+from .quantizer import SUPPORTED_BITS
+
+DEFAULT_YAML = '''# The embedded default: a one-shot mixed-precision supernet of a small CNN on Fashion-MNIST.
+# Runs on CPU in minutes (`python train.py`); these values are also embedded in mpq/config.py so the
+# default works from any working directory. Every key can be overridden: `python train.py train.epochs=1`.
+model:
+  name: small_cnn            # small_cnn | resnet20 | any torchvision classifier (resnet18, mobilenet_v2, ...)
+  pretrained: null           # local float state_dict to start from (nothing is downloaded)
+  num_classes: null          # null: from the data set
+data:
+  name: fashion_mnist        # fashion_mnist | cifar10 | cifar100 | imagenet
+  root: null                 # null: /usr/share/datasets/fashion-mnist (fashion_mnist only)
+  train_subset: 30000        # seeded random subset of the training set (null: all of it)
+  val_subset: null           # held-out subset for the per-epoch evaluation (null: all of it)
+  seed: 0                    # data order and subsets
+  batch_size: 128            # GLOBAL batch size (split across DDP ranks and micro-batches)
+  eval_batch_size: 500
+  workers: 0
+  image_size: 224            # imagenet only
+quant:
+  w_bits: [2, 3, 4, 5, 6]    # candidate weight bit-widths
+  a_bits: [2, 3, 4, 5, 6]    # candidate activation bit-widths
+  keep_8bit: [first, last]   # layers pinned to 8/8 bits: first, last and/or layer names
+  per_channel: true          # per-output-channel weight step sizes
+  bn: shared                 # shared (re-calibrated per config before evaluation) | switchable
+train:
+  epochs: 3
+  optimizer: sgd             # sgd | adamw
+  lr: 0.05                   # peak learning rate (after the linear warm-up)
+  min_lr: 0.0                # cosine floor
+  momentum: 0.9
+  nesterov: true
+  weight_decay: 5.0e-5       # conv/linear weights only (no decay on step sizes, BN, biases)
+  warmup_epochs: 0.2         # linear LR warm-up (fraction of an epoch allowed)
+  num_random: 2              # random configs per step, besides max and min (sandwich rule)
+  order: [max, random, min]  # order of the sampled subnets in a step; max first when distilling
+  micro_batches: 1           # split each batch into this many gradient-accumulation micro-batches
+  label_smoothing: 0.0
+  grad_clip: null            # max gradient norm (null: off)
+  seed: 0                    # model init, config sampling, RNG
+  max_steps: null            # stop after this many steps in total (null: epochs * steps per epoch)
+  resume: false              # false | auto (newest valid checkpoint of this run) | path to a checkpoint
+  device: auto               # auto (cuda when available) | cpu | cuda
+  amp: true                  # mixed precision on GPU (ignored on CPU)
+  amp_dtype: bfloat16        # bfloat16 | float16 (float16 uses a GradScaler)
+  compile: false             # torch.compile the model
+  channels_last: false       # channels_last memory format (GPU convnets)
+distill:
+  enabled: true              # in-place distillation from the max subnet
+  kd_weight: 0.5             # loss = (1 - kd_weight) * CE + kd_weight * KD
+  temperature: 1.0
+idm:
+  enabled: true              # information-distortion mitigation
+  weight: 0.01               # weight of the feature-alignment MSE on the lowest-bit layers
+scheduler:
+  enabled: true              # bit-width freezing scheduler (fractions of the total steps)
+  warmup: 0.1
+  period: 0.1
+  late_period: 0.2
+  late_start: 0.7
+  ratio_start: 0.5
+  ratio_end: 0.2
+  threshold: 0.375
+  ema: 0.9
+  which: most_turbulent      # most_turbulent | lowest
+  observe_every: 10          # steps between turbulence measurements
+r2:
+  enabled: false             # R2 range-restriction loss: loss += weight * R2
+  kind: margin               # linf | margin | softminmax
+  weight: 0.0001
+  eta: 0.01
+  init_margin: null
+  init_temperature: 1.0
+quant_noise:
+  enabled: false             # Quant-Noise: quantize a random fraction p of weight blocks in training
+  p: 0.5
+  block: 8
+aqt:
+  enabled: false             # calibrate activation clip bounds once from an EMA of max|x|
+  warmup_steps: 100
+  ema: 0.9
+  freeze: true               # keep the calibrated activation step sizes fixed afterwards
+eval:
+  every_epochs: 1
+  uniform_bits: [2, 3, 4, 5, 6]   # uniform W{b}A{b} configs evaluated besides max and min
+  random_configs: 2          # fixed seeded random configs evaluated
+  bn_recalib_batches: 10     # training batches to re-calibrate shared BN per config
+output:
+  dir: runs
+  name: default              # the run folder is <dir>/<name>
+  checkpoint_every: 500      # steps between checkpoints (also at each epoch end); 0: epoch ends only
+  keep_last: 3               # step-numbered checkpoints kept (supernet.pt is always the latest)
+  log_every: 20              # steps between TensorBoard scalars
+  progress: true             # tqdm progress bar (rank 0)
+dist:
+  backend: auto              # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+  timeout_min: 30
+'''
+
+
+# ----------------------------------------------------------------------------- schema
+class Field:
+    """One config key: its kind, whether ``null`` is allowed, and a value check.
+
+    kinds: ``int``, ``float``, ``bool``, ``str``, ``bits`` (non-empty list of supported bit-widths),
+    ``str_list``, ``int_list``, ``resume`` (false | "auto" | a path).
+    """
+
+    def __init__(self, kind: str, doc: str = "", nullable: bool = False,
+                 check: Optional[Callable[[Any], Optional[str]]] = None,
+                 choices: Optional[Sequence[str]] = None) -> None:
+        self.kind, self.doc, self.nullable, self.check, self.choices = kind, doc, nullable, check, choices
+
+
+def _gt(lo):
+    return lambda v: None if v > lo else f"must be > {lo}, got {v!r}"
+
+
+def _ge(lo):
+    return lambda v: None if v >= lo else f"must be >= {lo}, got {v!r}"
+
+
+def _in(lo, hi, hi_open=False):
+    def check(v):
+        ok = lo <= v < hi if hi_open else lo <= v <= hi
+        return None if ok else f"must be in [{lo}, {hi}{')' if hi_open else ']'}, got {v!r}"
+    return check
+
+
+def _nonempty(v):
+    return None if len(v) else "must not be empty"
+
+
+def _order(v):
+    allowed = {"max", "min", "random"}
+    bad = [x for x in v if x not in allowed]
+    if bad:
+        return f"unknown entry {bad[0]!r}; allowed: ['max', 'min', 'random']"
+    if len(set(v)) != len(v) or set(v) != allowed:
+        return f"must name each of 'max', 'min', 'random' exactly once, got {v!r}"
+    return None
+
+
+SCHEMA: Dict[str, Dict[str, Field]] = {
+    "model": {
+        "name": Field("str", "small_cnn | resnet20 | any torchvision classifier name"),
+        "pretrained": Field("str", "local float state_dict file", nullable=True),
+        "num_classes": Field("int", "classes (null: from the data set)", nullable=True, check=_ge(2)),
+    },
+    "data": {
+        "name": Field("str", "data set", choices=("fashion_mnist", "cifar10", "cifar100", "imagenet")),
+        "root": Field("str", "local data folder", nullable=True),
+        "train_subset": Field("int", "seeded training subset size (null: all)", nullable=True, check=_gt(0)),
+        "val_subset": Field("int", "held-out subset size (null: all)", nullable=True, check=_gt(0)),
+        "seed": Field("int", "data order and subsets seed"),
+        "batch_size": Field("int", "global batch size", check=_gt(0)),
+        "eval_batch_size": Field("int", "evaluation batch size", check=_gt(0)),
+        "workers": Field("int", "DataLoader workers per process", check=_ge(0)),
+        "image_size": Field("int", "ImageNet crop size", check=_gt(0)),
+    },
+    "quant": {
+        "w_bits": Field("bits", "candidate weight bit-widths"),
+        "a_bits": Field("bits", "candidate activation bit-widths"),
+        "keep_8bit": Field("str_list", "layers pinned to 8/8 bits: first, last, layer names"),
+        "per_channel": Field("bool", "per-output-channel weight step sizes"),
+        "bn": Field("str", "BatchNorm handling", choices=("shared", "switchable")),
+    },
+    "train": {
+        "epochs": Field("int", "training epochs", check=_gt(0)),
+        "optimizer": Field("str", "optimizer", choices=("sgd", "adamw")),
+        "lr": Field("float", "peak learning rate", check=_gt(0)),
+        "min_lr": Field("float", "cosine floor", check=_ge(0)),
+        "momentum": Field("float", "SGD momentum / AdamW beta1", check=_in(0, 1, hi_open=True)),
+        "nesterov": Field("bool", "Nesterov momentum (SGD)"),
+        "weight_decay": Field("float", "weight decay of conv/linear weights", check=_ge(0)),
+        "warmup_epochs": Field("float", "linear LR warm-up in epochs", check=_ge(0)),
+        "num_random": Field("int", "random configs per step besides max and min", check=_ge(0)),
+        "order": Field("str_list", "order of max / random / min in a step", check=_order),
+        "micro_batches": Field("int", "gradient-accumulation micro-batches per batch", check=_gt(0)),
+        "label_smoothing": Field("float", "cross-entropy label smoothing", check=_in(0, 1, hi_open=True)),
+        "grad_clip": Field("float", "max gradient norm (null: off)", nullable=True, check=_gt(0)),
+        "seed": Field("int", "model init and config sampling seed"),
+        "max_steps": Field("int", "stop after this many steps (null: all epochs)", nullable=True, check=_gt(0)),
+        "resume": Field("resume", "false | auto | checkpoint path"),
+        "device": Field("str", "device", choices=("auto", "cpu", "cuda")),
+        "amp": Field("bool", "mixed precision on GPU"),
+        "amp_dtype": Field("str", "autocast dtype", choices=("bfloat16", "float16")),
+        "compile": Field("bool", "torch.compile the model"),
+        "channels_last": Field("bool", "channels_last memory format"),
+    },
+    "distill": {
+        "enabled": Field("bool", "in-place distillation from the max subnet"),
+        "kd_weight": Field("float", "loss = (1-w)*CE + w*KD", check=_in(0, 1)),
+        "temperature": Field("float", "KD temperature", check=_gt(0)),
+    },
+    "idm": {
+        "enabled": Field("bool", "information-distortion mitigation"),
+        "weight": Field("float", "weight of the IDM feature loss", check=_ge(0)),
+    },
+    "scheduler": {
+        "enabled": Field("bool", "bit-width freezing scheduler"),
+        "warmup": Field("float", "fraction of training before the first update", check=_in(0, 1)),
+        "period": Field("float", "fraction of training between updates", check=_in(1e-9, 1)),
+        "late_period": Field("float", "period after late_start (null: period)", nullable=True,
+                             check=_in(1e-9, 1)),
+        "late_start": Field("float", "fraction of training where late_period starts", check=_in(0, 1)),
+        "ratio_start": Field("float", "fraction of layers frozen at the start", check=_in(0, 1)),
+        "ratio_end": Field("float", "fraction of layers frozen at the end", check=_in(0, 1)),
+        "threshold": Field("float", "rounding-boundary closeness, in steps", check=_in(0, 0.5)),
+        "ema": Field("float", "turbulence EMA decay", check=_in(0, 1, hi_open=True)),
+        "which": Field("str", "bit-width a chosen layer loses", choices=("most_turbulent", "lowest")),
+        "observe_every": Field("int", "steps between turbulence measurements", check=_gt(0)),
+    },
+    "r2": {
+        "enabled": Field("bool", "R2 range-restriction loss"),
+        "kind": Field("str", "R2 variant", choices=("linf", "margin", "softminmax")),
+        "weight": Field("float", "lambda in loss = CE + lambda * R2", check=_ge(0)),
+        "eta": Field("float", "soft-min-max temperature penalty", check=_ge(0)),
+        "init_margin": Field("float", "initial margin (null: max|W|)", nullable=True, check=_gt(0)),
+        "init_temperature": Field("float", "initial soft-min-max temperature", check=_gt(0)),
+    },
+    "quant_noise": {
+        "enabled": Field("bool", "Quant-Noise"),
+        "p": Field("float", "fraction of weight blocks quantized per training forward", check=_in(0, 1)),
+        "block": Field("int", "block size (consecutive weights of one output channel)", check=_gt(0)),
+    },
+    "aqt": {
+        "enabled": Field("bool", "AQT-style activation clip calibration"),
+        "warmup_steps": Field("int", "steps of EMA(max|x|) before the calibration", check=_gt(0)),
+        "ema": Field("float", "EMA decay", check=_in(0, 1, hi_open=True)),
+        "freeze": Field("bool", "keep the calibrated activation step sizes fixed"),
+    },
+    "eval": {
+        "every_epochs": Field("int", "epochs between evaluations (the last epoch always)", check=_gt(0)),
+        "uniform_bits": Field("int_list", "uniform configs evaluated"),
+        "random_configs": Field("int", "fixed random configs evaluated", check=_ge(0)),
+        "bn_recalib_batches": Field("int", "batches of shared-BN re-calibration per config", check=_ge(0)),
+    },
+    "output": {
+        "dir": Field("str", "parent folder of runs"),
+        "name": Field("str", "run name: the run folder is <dir>/<name>"),
+        "checkpoint_every": Field("int", "steps between checkpoints (0: epoch ends only)", check=_ge(0)),
+        "keep_last": Field("int", "step-numbered checkpoints kept", check=_ge(1)),
+        "log_every": Field("int", "steps between TensorBoard scalars", check=_gt(0)),
+        "progress": Field("bool", "tqdm progress bar"),
+    },
+    "dist": {
+        "backend": Field("str", "process-group backend", choices=("auto", "nccl", "gloo")),
+        "timeout_min": Field("float", "collective timeout in minutes", check=_gt(0)),
+    },
+}
+
+
+def default_config() -> Dict[str, Any]:
+    """The embedded default config (a fresh copy)."""
+    return yaml.safe_load(DEFAULT_YAML)
+
+
+# ----------------------------------------------------------------------------- validation
+def _type_name(v: Any) -> str:
+    return "null" if v is None else type(v).__name__
+
+
+def _coerce(key: str, f: Field, v: Any) -> Any:
+    """Check the kind of ``v``; returns the normalised value or raises UserError."""
+    if v is None:
+        if f.nullable:
+            return None
+        raise UserError(f"{key}: must not be null")
+    k = f.kind
+    if k == "int":
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise UserError(f"{key}: expected an integer, got {v!r} ({_type_name(v)})")
+        return int(v)
+    if k == "float":
+        if isinstance(v, str):  # YAML 1.1 reads 1e-3 as a string
+            try:
+                v = float(v)
+            except ValueError:
+                raise UserError(f"{key}: expected a number, got {v!r} (str)") from None
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise UserError(f"{key}: expected a number, got {v!r} ({_type_name(v)})")
+        v = float(v)
+        if v != v or v in (float("inf"), float("-inf")):
+            raise UserError(f"{key}: must be a finite number, got {v!r}")
+        return v
+    if k == "bool":
+        if not isinstance(v, bool):
+            raise UserError(f"{key}: expected true or false, got {v!r} ({_type_name(v)})")
+        return v
+    if k == "str":
+        if not isinstance(v, str) or not v:
+            raise UserError(f"{key}: expected a non-empty string, got {v!r} ({_type_name(v)})")
+        if f.choices is not None and v not in f.choices:
+            raise UserError(f"{key}: {v!r} is not allowed; allowed: {list(f.choices)}")
+        return v
+    if k in ("bits", "int_list", "str_list"):
+        if isinstance(v, (int, str)) and not isinstance(v, bool) and k != "str_list":
+            v = [v] if isinstance(v, int) else v
+        if not isinstance(v, (list, tuple)):
+            raise UserError(f"{key}: expected a list, got {v!r} ({_type_name(v)})")
+        v = list(v)
+        want = str if k == "str_list" else int
+        for x in v:
+            if isinstance(x, bool) or not isinstance(x, want):
+                raise UserError(f"{key}: expected a list of {'strings' if want is str else 'integers'}, "
+                                f"got element {x!r} ({_type_name(x)})")
+        if k == "bits":
+            if not v:
+                raise UserError(f"{key}: the candidate bit-width list must not be empty")
+            for b in v:
+                if b not in SUPPORTED_BITS:
+                    raise UserError(f"{key}: bit-width {b} is not supported; allowed: {list(SUPPORTED_BITS)}")
+            if len(set(v)) != len(v):
+                raise UserError(f"{key}: duplicate bit-widths in {v}")
+        return v
+    if k == "resume":
+        if v is False or (isinstance(v, str) and v):
+            return v
+        raise UserError(f"{key}: expected false, 'auto' or a checkpoint path, got {v!r}")
+    raise AssertionError(k)
+
+
+def validate(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """Validate a full config dict (all sections, all keys); returns a normalised deep copy."""
+    if not isinstance(cfg, dict):
+        raise UserError(f"config: expected a mapping of sections, got {_type_name(cfg)}")
+    out: Dict[str, Any] = {}
+    for section in cfg:
+        if section not in SCHEMA:
+            raise UserError(f"{section}: unknown config section; known sections: {list(SCHEMA)}")
+    for section, fields in SCHEMA.items():
+        values = cfg.get(section)
+        if not isinstance(values, dict):
+            raise UserError(f"{section}: expected a mapping of keys, got {_type_name(values)}")
+        for key in values:
+            if key not in fields:
+                raise UserError(f"{section}.{key}: unknown config key; known keys of {section}: {list(fields)}")
+        sec = {}
+        for key, f in fields.items():
+            name = f"{section}.{key}"
+            if key not in values:
+                raise UserError(f"{name}: missing")
+            v = _coerce(name, f, values[key])
+            if v is not None and f.check is not None:
+                msg = f.check(v)
+                if msg:
+                    raise UserError(f"{name}: {msg}")
+            sec[key] = v
+        out[section] = sec
+    _cross_checks(out)
+    return out
+
+
+def _cross_checks(c: Dict[str, Any]) -> None:
+    t = c["train"]
+    if t["min_lr"] > t["lr"]:
+        raise UserError(f"train.min_lr: must be <= train.lr ({t['lr']}), got {t['min_lr']}")
+    if (c["distill"]["enabled"] or c["idm"]["enabled"]) and t["order"][0] != "max":
+        raise UserError(f"train.order: 'max' must come first when distill or idm is enabled (it is "
+                        f"the teacher), got {t['order']}")
+    s = c["scheduler"]
+    if s["ratio_end"] > s["ratio_start"]:
+        raise UserError(f"scheduler.ratio_end: must be <= scheduler.ratio_start ({s['ratio_start']}), "
+                        f"got {s['ratio_end']}")
+    for k in ("uniform_bits",):
+        for b in c["eval"][k]:
+            if b not in SUPPORTED_BITS:
+                raise UserError(f"eval.{k}: bit-width {b} is not supported; allowed: {list(SUPPORTED_BITS)}")
+    if c["data"]["batch_size"] % t["micro_batches"]:
+        raise UserError(f"train.micro_batches: must divide data.batch_size ({c['data']['batch_size']}), "
+                        f"got {t['micro_batches']}")
+    for k in c["quant"]["keep_8bit"]:
+        if not k:
+            raise UserError("quant.keep_8bit: empty layer name")
+    name = c["output"]["name"]
+    if os.sep in name or name in (".", ".."):
+        raise UserError(f"output.name: must be a plain folder name, got {name!r}")
+
+
+# ----------------------------------------------------------------------------- loading
+def parse_value(text: str) -> Any:
+    """A command-line value as a YAML scalar or list (``2``, ``0.1``, ``true``, ``null``, ``[2,4]``);
+    text that is not valid YAML stays a string."""
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(cfg: Dict[str, Any], item: str) -> None:
+    """Apply one ``section.key=value`` override in place (the key must exist)."""
+    if "=" not in item:
+        raise UserError(f"override {item!r}: expected section.key=value (e.g. train.epochs=2)")
+    key, _, text = item.partition("=")
+    key = key.strip()
+    parts = key.split(".")
+    if len(parts) != 2 or not all(parts):
+        raise UserError(f"{key}: expected section.key (e.g. train.lr=0.1)")
+    section, name = parts
+    if section not in SCHEMA:
+        raise UserError(f"{section}: unknown config section; known sections: {list(SCHEMA)}")
+    if name not in SCHEMA[section]:
+        raise UserError(f"{key}: unknown config key; known keys of {section}: {list(SCHEMA[section])}")
+    cfg.setdefault(section, {})[name] = parse_value(text)
+
+
+def merge(base: Dict[str, Any], over: Dict[str, Any], where: str) -> Dict[str, Any]:
+    """Merge a (partial) config over ``base``: sections merge key by key."""
+    out = copy.deepcopy(base)
+    if over is None:
+        return out
+    if not isinstance(over, dict):
+        raise UserError(f"{where}: expected a mapping of config sections, got {_type_name(over)}")
+    for section, values in over.items():
+        if section not in SCHEMA:
+            raise UserError(f"{section}: unknown config section in {where}; known sections: {list(SCHEMA)}")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise UserError(f"{section}: expected a mapping of keys in {where}, got {_type_name(values)}")
+        for key, v in values.items():
+            if key not in SCHEMA[section]:
+                raise UserError(f"{section}.{key}: unknown config key in {where}; known keys of "
+                                f"{section}: {list(SCHEMA[section])}")
+            out[section][key] = v
+    return out
+
+
+def read_yaml(path: str) -> Dict[str, Any]:
+    if not os.path.isfile(path):
+        raise UserError(f"--config: no such file {path!r}")
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            return yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        first = str(e).strip().splitlines()
+        raise UserError(f"--config: {path!r} is not valid YAML ({' '.join(first)[:200]})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--config: cannot read {path!r} ({e})") from None
+
+
+def load_config(path: Optional[str] = None, overrides: Iterable[str] = ()) -> Dict[str, Any]:
+    """Embedded default, then the YAML file ``path`` (if any), then ``section.key=value`` overrides;
+    validated. Raises :class:`UserError` naming the offending key."""
+    cfg = default_config()
+    if path is not None:
+        cfg = merge(cfg, read_yaml(path), path)
+    for item in overrides:
+        apply_override(cfg, item)
+    return validate(cfg)
+
+
+def dump_config(cfg: Dict[str, Any]) -> str:
+    """The resolved config as YAML (sections in schema order)."""
+    lines = []
+    for section, fields in SCHEMA.items():
+        lines.append(f"{section}:")
+        for key in fields:
+            text = yaml.safe_dump(cfg[section][key], default_flow_style=True).strip()
+            if text.endswith("\n..."):
+                text = text[:-4].strip()
+            elif text.endswith("..."):
+                text = text[:-3].strip()
+            lines.append(f"  {key}: {text}")
+    return "\n".join(lines) + "\n"
+
+
+def describe_schema() -> str:
+    """One line per key with its default and meaning (for ``--help``)."""
+    d = default_config()
+    lines: List[str] = []
+    for section, fields in SCHEMA.items():
+        for key, f in fields.items():
+            kind = f.kind + (" or null" if f.nullable else "")
+            if f.choices:
+                kind = " | ".join(f.choices)
+            default = yaml.safe_dump(d[section][key], default_flow_style=True).strip()
+            default = default[:-3].strip() if default.endswith("...") else default
+            lines.append(f"  {section}.{key} = {default}  [{kind}] {f.doc}")
+    return "\n".join(lines)

@@ -1,0 +1,743 @@
+"""One-shot supernet training: sandwich sampling, in-place distillation, IDM, bit-width freezing,
+optional R2 / Quant-Noise / AQT clip calibration, DDP, AMP, exact resume.
+
+One training step (global batch ``B``, split across ``W`` ranks and ``K`` micro-batches)::
+
+    configs = [max, random_1 .. random_N, min]   (order from train.order; one generator, seeded alike
+                                                  on every rank, so every rank draws the same configs)
+    for each micro-batch:
+        for each config c:                         (set_bits(net, c))
+            logits = net(x)
+            max:      loss = CE (+ lambda * R2)    -> teacher logits / post-BN features kept, detached
+            other:    loss = (1 - w) * CE + w * KD(logits, teacher, T)
+                             + idm_weight * MSE(features, teacher features) on the lowest-bit layers
+            (loss / K).backward()                  (gradients accumulate into the shared weights; only
+                                                    the step sizes of the sampled bit-widths get one)
+    all-reduce (average) the gradients over ranks; [clip]; optimizer step; LR = warm-up + cosine
+    every observe_every steps: scheduler.observe(); scheduler.step(global_step)
+
+See :mod:`mpq.distributed` for why the model is not wrapped in DistributedDataParallel, and
+:mod:`mpq.checkpoint` for the checkpoint format.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from . import checkpoint as ckpt_io
+from .config import dump_config
+from .data import build_datasets
+from .distributed import (DistEnv, ResumableDistributedSampler, all_reduce_gradients, all_reduce_sum,
+                          any_rank, average_buffers, barrier, broadcast_module, cleanup, init_distributed,
+                          shard)
+from .errors import UserError
+from .models import build_model
+from .supernet import (calibrate_activations, get_bits, max_config, min_config, quant_layers,
+                       quantize_model, random_config, set_bits, uniform_config, unwrap)
+
+
+class TrainingInterrupted(Exception):
+    """Raised after SIGTERM/SIGINT once rank 0 has written a checkpoint."""
+
+    def __init__(self, signum: int, path: Optional[str]) -> None:
+        super().__init__(f"interrupted by signal {signum}; checkpoint: {path}")
+        self.signum, self.path = signum, path
+
+
+# ----------------------------------------------------------------------------- helpers
+@torch.no_grad()
+def recalibrate_bn(net: nn.Module, loader, num_batches: int) -> None:
+    """Re-estimate the running statistics of every BatchNorm of ``net`` at its active config on
+    ``num_batches`` batches of ``loader`` (cumulative average, BN in train mode and everything else in
+    eval mode, no gradient). Leaves ``net`` in eval mode. Used only when ``search.evaluator`` (the
+    search side's identical definition) is not importable."""
+    net = unwrap(net)
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns or num_batches <= 0:
+        net.eval()
+        return
+    momenta = [m.momentum for m in bns]
+    net.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    device = next(net.parameters()).device
+    try:
+        for i, batch in enumerate(loader):
+            if i >= num_batches:
+                break
+            net(batch[0].to(device, non_blocking=True))
+    finally:
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        net.eval()
+
+
+def _recalibrate(net, loader, num_batches):
+    """Prefer the search side's implementation when it exists (one definition of BN re-calibration
+    for training-time and search-time numbers); fall back to :func:`recalibrate_bn`."""
+    try:
+        from search.evaluator import recalibrate_bn as search_recalibrate
+    except Exception:  # noqa: BLE001 - not there yet / search side not installed
+        search_recalibrate = None
+    if search_recalibrate is not None:
+        search_recalibrate(net, loader, num_batches)
+        net.eval()
+    else:
+        recalibrate_bn(net, loader, num_batches)
+
+
+def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
+    """Linear warm-up to ``lr`` over ``warmup`` steps, then cosine decay to ``min_lr`` at ``total``."""
+    if warmup > 0 and step < warmup:
+        return lr * (step + 1) / warmup
+    span = max(1, total - warmup)
+    p = min(1.0, max(0.0, (step - warmup) / span))
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+def _rng_state(gens: Dict[str, torch.Generator]) -> Dict[str, Any]:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    out = {
+        "torch": torch.get_rng_state(),
+        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+        "numpy": {"name": str(np_state[0]), "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
+                  "cached_gaussian": float(np_state[4])},
+        "python": {"version": int(py_state[0]), "state": [int(v) for v in py_state[1]],
+                   "gauss": None if py_state[2] is None else float(py_state[2])},
+    }
+    for k, g in gens.items():
+        out[k] = g.get_state()
+    return out
+
+
+def _set_rng_state(state: Dict[str, Any], gens: Dict[str, torch.Generator]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    for k, g in gens.items():
+        if k in state:
+            g.set_state(state[k])
+
+
+def _param_groups(net: nn.Module, extra: List[nn.Parameter], weight_decay: float):
+    """Weight decay on conv/linear weights only; none on step sizes, BatchNorm, biases, R2 params."""
+    decay, no_decay = [], []
+    for name, p in net.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim > 1 and ".w_quant." not in name and ".a_quant." not in name:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    no_decay += list(extra)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def spec_of(cfg: Dict[str, Any], num_classes: int, in_channels: int, input_size) -> Dict[str, Any]:
+    q = cfg["quant"]
+    return {"model": {"name": cfg["model"]["name"], "num_classes": int(num_classes),
+                      "in_channels": int(in_channels)},
+            "quant": {"w_bits": sorted(q["w_bits"]), "a_bits": sorted(q["a_bits"]),
+                      "keep_8bit": list(q["keep_8bit"]), "per_channel": bool(q["per_channel"]),
+                      "bn": q["bn"]},
+            "input_size": [int(v) for v in input_size]}
+
+
+# ----------------------------------------------------------------------------- trainer
+class Trainer:
+    """Trains a supernet from a validated config (see :mod:`mpq.config`).
+
+    >>> trainer = Trainer(load_config(overrides=["train.epochs=1"]))
+    >>> metrics = trainer.fit()          # writes runs/<name>/
+
+    ``step_callback(trainer, global_step)`` is called after every optimizer step (tests use it to
+    simulate a crash). The trainer reads ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` from the environment
+    (``torchrun``) and runs as a single process without them.
+    """
+
+    def __init__(self, cfg: Dict[str, Any], step_callback: Optional[Callable[["Trainer", int], None]] = None,
+                 env: Optional[DistEnv] = None) -> None:
+        self.cfg = cfg
+        self.step_callback = step_callback
+        t, o = cfg["train"], cfg["output"]
+        self.env = env or init_distributed(t["device"], cfg["dist"]["backend"], cfg["dist"]["timeout_min"])
+        self.device = self.env.device
+        self.run_dir = os.path.join(o["dir"], o["name"])
+        self.writer = None
+        self._stop_signal: Optional[int] = None
+        self.metrics: Dict[str, Any] = {}
+        self.last_checkpoint: Optional[str] = None
+        try:
+            self._setup()
+        except BaseException:
+            cleanup(self.env)
+            raise
+
+    # ------------------------------------------------------------------ set-up
+    def _setup(self) -> None:
+        cfg, env = self.cfg, self.env
+        d, t, q = cfg["data"], cfg["train"], cfg["quant"]
+        world = env.world_size
+        if d["batch_size"] % (world * t["micro_batches"]):
+            raise UserError(f"data.batch_size: the global batch size {d['batch_size']} must be divisible "
+                            f"by world size x train.micro_batches = {world} x {t['micro_batches']}")
+        self.rank_batch = d["batch_size"] // world
+        self.info = build_datasets(d["name"], d["root"], d["train_subset"], d["val_subset"], d["seed"],
+                                   d["image_size"])
+        num_classes = cfg["model"]["num_classes"] or self.info.num_classes
+        # identical model init (and global RNG stream) on every rank
+        random.seed(t["seed"])
+        np.random.seed(t["seed"] % 2 ** 32)
+        torch.manual_seed(t["seed"])
+        self.config_gen = torch.Generator().manual_seed(t["seed"] + 1)
+        self.loader_gen = torch.Generator().manual_seed(t["seed"] + 2)
+
+        # data
+        self.sampler = ResumableDistributedSampler(self.info.train, num_replicas=world, rank=env.rank,
+                                                   shuffle=True, seed=d["seed"])
+        self.steps_per_epoch = self.sampler.full_length // self.rank_batch
+        if self.steps_per_epoch < 1:
+            raise UserError(f"data.batch_size: {d['batch_size']} is larger than the training set "
+                            f"({len(self.info.train)} samples); lower it or enlarge data.train_subset")
+        pin = self.device.type == "cuda"
+        self.train_loader = DataLoader(self.info.train, batch_size=self.rank_batch, sampler=self.sampler,
+                                       num_workers=d["workers"], drop_last=True, pin_memory=pin,
+                                       generator=self.loader_gen, persistent_workers=False)
+        total = t["epochs"] * self.steps_per_epoch
+        self.total_steps = min(total, t["max_steps"]) if t["max_steps"] else total
+        self.warmup_steps = int(round(t["warmup_epochs"] * self.steps_per_epoch))
+        # fixed batches for activation calibration and BN re-calibration (same on every rank)
+        g = torch.Generator().manual_seed(d["seed"] + 7)
+        perm = torch.randperm(len(self.info.train), generator=g).tolist()
+        calib_n = min(len(perm), max(d["batch_size"], 32), 256)
+        self.calib_batch = torch.stack([self.info.train[i][0] for i in perm[:calib_n]])
+        nrecal = cfg["eval"]["bn_recalib_batches"] * self.rank_batch
+        self.recal_loader = DataLoader(Subset(self.info.train, perm[:max(1, nrecal)]),
+                                       batch_size=self.rank_batch, shuffle=False,
+                                       num_workers=d["workers"], pin_memory=pin)
+        self.val_loader = DataLoader(Subset(self.info.val, shard(len(self.info.val), env)),
+                                     batch_size=d["eval_batch_size"], shuffle=False,
+                                     num_workers=d["workers"], pin_memory=pin)
+
+        # model
+        float_model = build_model(cfg["model"]["name"], num_classes=num_classes,
+                                  in_channels=self.info.in_channels, pretrained=cfg["model"]["pretrained"])
+        try:
+            self.net = quantize_model(float_model, w_bits=q["w_bits"], a_bits=q["a_bits"],
+                                      keep_8bit=q["keep_8bit"], per_channel=q["per_channel"], bn=q["bn"])
+        except ValueError as e:
+            raise UserError(f"quant: {e}") from None
+        self.spec = spec_of(cfg, num_classes, self.info.in_channels, self.info.input_size)
+        self.net.to(self.device)
+        if t["channels_last"]:
+            self.net.to(memory_format=torch.channels_last)
+        calibrate_activations(self.net, self._to_device(self.calib_batch))
+        broadcast_module(self.net, env)
+        self.model = torch.compile(self.net) if t["compile"] else self.net
+
+        # losses
+        self.r2 = None
+        if cfg["r2"]["enabled"]:
+            from .losses import R2Loss
+            r = cfg["r2"]
+            self.r2 = R2Loss(self.net, r["kind"], eta=r["eta"], init_margin=r["init_margin"],
+                             init_temperature=r["init_temperature"]).to(self.device)
+        self.tap = None
+        if cfg["idm"]["enabled"]:
+            from .losses import FeatureTap
+            self.tap = FeatureTap(self.net)
+
+        # optimizer, AMP
+        groups = _param_groups(self.net, list(self.r2.parameters()) if self.r2 is not None else [],
+                               t["weight_decay"])
+        if t["optimizer"] == "sgd":
+            self.opt = torch.optim.SGD(groups, lr=t["lr"], momentum=t["momentum"],
+                                       nesterov=t["nesterov"] and t["momentum"] > 0)
+        else:
+            self.opt = torch.optim.AdamW(groups, lr=t["lr"], betas=(t["momentum"], 0.999))
+        self.use_amp = t["amp"] and self.device.type == "cuda"
+        self.amp_dtype = torch.float16 if t["amp_dtype"] == "float16" else torch.bfloat16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
+
+        # bit-width freezing scheduler, AQT
+        self.bit_sched = None
+        if cfg["scheduler"]["enabled"]:
+            from .scheduler import BitWidthFreezingScheduler
+            s = cfg["scheduler"]
+            self.bit_sched = BitWidthFreezingScheduler(
+                self.net, self.total_steps, warmup=s["warmup"], period=s["period"],
+                late_period=s["late_period"], late_start=s["late_start"], ratio_start=s["ratio_start"],
+                ratio_end=s["ratio_end"], threshold=s["threshold"], ema=s["ema"], which=s["which"])
+        self.aqt = None
+        if cfg["aqt"]["enabled"]:
+            from .aqt import ActivationClipCalibrator
+            a = cfg["aqt"]
+            self.aqt = ActivationClipCalibrator(self.net, a["warmup_steps"], a["ema"], a["freeze"])
+
+        # evaluation configs (fixed for the whole run)
+        self.eval_configs = self._make_eval_configs()
+
+        # counters
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.global_step = 0
+        self.epoch_loader_state = self.loader_gen.get_state()
+        self.history: List[Dict[str, Any]] = []
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        if self.cfg["train"]["channels_last"] and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _make_eval_configs(self) -> Dict[str, Dict[str, Tuple[int, int]]]:
+        net, e = self.net, self.cfg["eval"]
+        out = {"max": max_config(net), "min": min_config(net, respect_frozen=False)}
+        layers = quant_layers(net)
+        for b in e["uniform_bits"]:
+            ok = all(m.w_candidates == (8,) and m.a_candidates == (8,) or
+                     (b in m.w_candidates and b in m.a_candidates) for m in layers.values())
+            if ok:
+                out[f"w{b}a{b}"] = uniform_config(net, b, b)
+        g = torch.Generator().manual_seed(1234)
+        for i in range(e["random_configs"]):
+            out[f"random{i}"] = random_config(net, g, respect_frozen=False)
+        return out
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> Dict[str, Any]:
+        """The full checkpoint (see :mod:`mpq.checkpoint` for the format)."""
+        net = self.net
+        return {
+            "format": ckpt_io.FORMAT, "version": ckpt_io.VERSION,
+            "spec": self.spec,
+            "model": net.state_dict(),
+            "config": self.cfg,
+            "allowed": {n: [int(b) for b in m.w_allowed] for n, m in quant_layers(net).items()},
+            "metrics": self.metrics,
+            "train_state": {
+                "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                "global_step": self.global_step, "total_steps": self.total_steps,
+                "steps_per_epoch": self.steps_per_epoch, "world_size": self.env.world_size,
+                "complete": self.global_step >= self.total_steps,
+                "optimizer": self.opt.state_dict(),
+                "lr_schedule": {"kind": "warmup_cosine", "step": self.global_step,
+                                "warmup_steps": self.warmup_steps, "total_steps": self.total_steps},
+                "scaler": self.scaler.state_dict(),
+                "rng": _rng_state({"config_gen": self.config_gen}),
+                "loader_gen_epoch_start": self.epoch_loader_state,
+                "sampler": {"epoch": self.epoch, "start": self.step_in_epoch * self.rank_batch,
+                            "seed": self.cfg["data"]["seed"]},
+                "bit_scheduler": self.bit_sched.state_dict() if self.bit_sched is not None else None,
+                "r2": self.r2.state_dict() if self.r2 is not None else None,
+                "aqt": self.aqt.state_dict() if self.aqt is not None else None,
+                "history": self.history,
+            },
+        }
+
+    def load_state_dict(self, ckpt: Dict[str, Any], path: str) -> None:
+        """Restore everything from a checkpoint (validated by :func:`mpq.checkpoint.check_compatible`)."""
+        ckpt_io.check_compatible(ckpt, self.spec, path)
+        ts = ckpt.get("train_state")
+        if not isinstance(ts, dict):
+            raise UserError(f"checkpoint: {path!r} holds no training state (an exported or stripped "
+                            f"supernet?); it cannot be resumed")
+        try:
+            self.net.load_state_dict(ckpt["model"])
+            self.opt.load_state_dict(ts["optimizer"])
+            self.scaler.load_state_dict(ts["scaler"])
+            if self.bit_sched is not None and ts.get("bit_scheduler"):
+                self.bit_sched.load_state_dict(ts["bit_scheduler"])
+            else:
+                for n, m in quant_layers(self.net).items():
+                    if n in ckpt.get("allowed", {}):
+                        m.w_allowed = tuple(int(b) for b in ckpt["allowed"][n])
+            if self.r2 is not None and ts.get("r2") is not None:
+                self.r2.load_state_dict(ts["r2"])
+            if self.aqt is not None and ts.get("aqt") is not None:
+                self.aqt.load_state_dict(ts["aqt"])
+            _set_rng_state(ts["rng"], {"config_gen": self.config_gen})
+            self.epoch_loader_state = ts["loader_gen_epoch_start"]
+            self.epoch, self.step_in_epoch = int(ts["epoch"]), int(ts["step_in_epoch"])
+            self.global_step = int(ts["global_step"])
+            self.history = list(ts.get("history", []))
+            self.metrics = dict(ckpt.get("metrics") or {})
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise UserError(f"checkpoint: {path!r} cannot be resumed with this config: "
+                            f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}") from None
+        if int(ts.get("world_size", self.env.world_size)) != self.env.world_size or \
+                int(ts.get("steps_per_epoch", self.steps_per_epoch)) != self.steps_per_epoch:
+            self._log(f"warning: resuming with a different world size or epoch length "
+                      f"({ts.get('world_size')} -> {self.env.world_size} ranks); the data order differs "
+                      f"from an uninterrupted run")
+            self.step_in_epoch = min(self.step_in_epoch, self.steps_per_epoch)
+
+    def maybe_resume(self) -> Optional[str]:
+        """Resume per ``train.resume`` (false | auto | path); returns the checkpoint used."""
+        mode = self.cfg["train"]["resume"]
+        if mode is False:
+            return None
+        if mode == "auto":
+            found = ckpt_io.find_latest(self.run_dir, log=self._log)
+            if found is None:
+                self._log(f"resume: no valid checkpoint in {self.run_dir}; starting from scratch")
+                return None
+            path, ckpt = found
+        else:
+            path = mode
+            ckpt = ckpt_io.safe_load(path, "train.resume")
+            ckpt_io.check_format(ckpt, path)
+        self.load_state_dict(ckpt, path)
+        self._log(f"resumed from {path} at step {self.global_step} (epoch {self.epoch + 1}, "
+                  f"{self.step_in_epoch} steps into it)")
+        return path
+
+    # ------------------------------------------------------------------ output
+    def _log(self, msg: str) -> None:
+        if self.env.is_main:
+            print(msg, flush=True)
+
+    def _open_outputs(self) -> None:
+        if not self.env.is_main:
+            return
+        os.makedirs(self.run_dir, exist_ok=True)
+        with open(os.path.join(self.run_dir, "config.yaml"), "w", encoding="utf-8") as f:
+            f.write(dump_config(self.cfg))
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(os.path.join(self.run_dir, "tb"),
+                                    purge_step=self.global_step if self.global_step else None)
+
+    def _scalar(self, tag: str, value: float, step: Optional[int] = None) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(tag, value, self.global_step if step is None else step)
+
+    def save_checkpoint(self) -> Optional[str]:
+        """Write the checkpoint (rank 0): ``ckpt-stepNNNNNNNN.pt``, then ``supernet.pt`` -> it;
+        keeps the last ``output.keep_last`` step-numbered ones."""
+        average_buffers(self.net, self.env)
+        if not self.env.is_main:
+            return None
+        path = ckpt_io.save_rotating(self.state_dict(), self.run_dir, self.global_step,
+                                     self.cfg["output"]["keep_last"])
+        self.last_checkpoint = path
+        return path
+
+    # ------------------------------------------------------------------ training step
+    def _autocast(self):
+        if self.use_amp:
+            return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
+        return nullcontext()
+
+    def sample_configs(self) -> List[Tuple[str, Dict[str, Tuple[int, int]]]]:
+        """The configs of one step, in ``train.order`` (random ones drawn from the shared generator)."""
+        out = []
+        for kind in self.cfg["train"]["order"]:
+            if kind == "max":
+                out.append(("max", max_config(self.net)))
+            elif kind == "min":
+                out.append(("min", min_config(self.net)))
+            else:
+                for _ in range(self.cfg["train"]["num_random"]):
+                    out.append(("random", random_config(self.net, self.config_gen)))
+        return out
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
+        cfg = self.cfg
+        t, dcfg, icfg = cfg["train"], cfg["distill"], cfg["idm"]
+        net, model = self.net, self.model
+        net.train()
+        configs = self.sample_configs()
+        k = t["micro_batches"]
+        self.opt.zero_grad(set_to_none=True)
+        sums: Dict[str, torch.Tensor] = {}
+        counts: Dict[str, int] = {}
+        distill = dcfg["enabled"] and dcfg["kd_weight"] > 0
+        idm = self.tap is not None and icfg["weight"] > 0
+        if distill or idm:
+            from .losses import idm_feature_loss, kd_loss, lowest_bit_layers
+        for m in range(k):
+            xm, ym = (x, y) if k == 1 else (x[m::k], y[m::k])
+            teacher, t_feats = None, None
+            for i, (kind, c) in enumerate(configs):
+                set_bits(net, c)
+                if self.tap is not None:
+                    self.tap.clear()
+                    self.tap.enabled = idm
+                with self._autocast():
+                    logits = model(xm)
+                    ce = F.cross_entropy(logits, ym, label_smoothing=t["label_smoothing"])
+                    if kind == "max" or teacher is None:
+                        loss = ce
+                    else:
+                        loss = ce
+                        if distill:
+                            w = dcfg["kd_weight"]
+                            loss = (1 - w) * ce + w * kd_loss(logits, teacher, dcfg["temperature"])
+                        if idm and t_feats is not None:
+                            loss = loss + icfg["weight"] * idm_feature_loss(
+                                self.tap.features, t_feats, lowest_bit_layers(net, c))
+                    if kind == "max":
+                        teacher = logits.detach()
+                        if idm:
+                            t_feats = {n: f.detach() for n, f in self.tap.features.items()}
+                    if self.r2 is not None and i == 0:
+                        loss = loss + cfg["r2"]["weight"] * self.r2(net)
+                if self.tap is not None:
+                    self.tap.enabled = False
+                    self.tap.clear()
+                self.scaler.scale(loss / k).backward()
+                sums[kind] = sums.get(kind, 0.0) + loss.detach().float()
+                counts[kind] = counts.get(kind, 0) + 1
+            del teacher, t_feats
+        params = [p for p in net.parameters()]
+        if self.r2 is not None:
+            params += list(self.r2.parameters())
+        all_reduce_gradients(params, self.env)
+        if t["grad_clip"]:
+            self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], t["grad_clip"])
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        return {kind: float(s) / counts[kind] for kind, s in sums.items()}
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def _accuracy(self) -> Tuple[float, float]:
+        net = self.net
+        net.eval()
+        correct, total, loss_sum = 0.0, 0.0, 0.0
+        for x, y in self.val_loader:
+            x, y = self._to_device(x), y.to(self.device, non_blocking=True)
+            with self._autocast():
+                out = self.model(x)
+            loss_sum += float(F.cross_entropy(out.float(), y, reduction="sum"))
+            correct += float((out.argmax(1) == y).sum())
+            total += y.numel()
+        correct, total, loss_sum = all_reduce_sum([correct, total, loss_sum], self.env)
+        return 100.0 * correct / max(total, 1), loss_sum / max(total, 1)
+
+    @torch.no_grad()
+    def evaluate(self) -> Dict[str, Dict[str, float]]:
+        """Held-out accuracy (%) and loss of the evaluation configs. For shared BN each config's BN
+        statistics are re-calibrated on fixed training batches first. The training state (BN running
+        statistics, active bits, Quant-Noise) is restored afterwards."""
+        net = self.net
+        average_buffers(net, self.env)
+        saved_buffers = {n: b.detach().clone() for n, b in net.named_buffers()}
+        saved_bits = get_bits(net)
+        saved_qn = {n: m.quant_noise_p for n, m in quant_layers(net).items()}
+        for m in quant_layers(net).values():
+            m.quant_noise_p = 1.0
+        results: Dict[str, Dict[str, float]] = {}
+        done: List[Tuple[Dict, Dict[str, float]]] = []
+        nrecal = self.cfg["eval"]["bn_recalib_batches"]
+        try:
+            for name, c in self.eval_configs.items():
+                prev = next((r for cc, r in done if cc == c), None)
+                if prev is not None:
+                    results[name] = dict(prev)
+                    continue
+                set_bits(net, c)
+                if self.cfg["quant"]["bn"] == "shared" and nrecal > 0:
+                    _recalibrate(net, self.recal_loader, nrecal)
+                acc, loss = self._accuracy()
+                results[name] = {"acc": acc, "loss": loss}
+                done.append((c, results[name]))
+        finally:
+            named = dict(net.named_buffers())
+            for n, b in saved_buffers.items():
+                named[n].copy_(b)
+            set_bits(net, saved_bits)
+            for n, m in quant_layers(net).items():
+                m.quant_noise_p = saved_qn[n]
+            net.train()
+        return results
+
+    # ------------------------------------------------------------------ loop
+    def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
+        if self._stop_signal is not None:
+            raise KeyboardInterrupt  # second signal: stop now
+        self._stop_signal = signum
+        if self.env.is_main:
+            print(f"\nsignal {signum}: finishing the current step and writing a checkpoint...",
+                  file=sys.stderr, flush=True)
+
+    def _install_signals(self):
+        old = {}
+        import threading
+        if threading.current_thread() is not threading.main_thread():
+            return old
+        for s in (signal.SIGTERM, signal.SIGINT):
+            old[s] = signal.signal(s, self._on_signal)
+        return old
+
+    def _set_quant_noise(self) -> None:
+        qn = self.cfg["quant_noise"]
+        for m in quant_layers(self.net).values():
+            m.quant_noise_p = qn["p"] if qn["enabled"] else 1.0
+            m.quant_noise_block = qn["block"]
+
+    def fit(self) -> Dict[str, Any]:
+        """Train to the end (or resume and finish); returns the last evaluation's metrics."""
+        try:
+            return self._fit()
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+                self.writer = None
+            if self.tap is not None:
+                self.tap.remove()
+            cleanup(self.env)
+
+    def _fit(self) -> Dict[str, Any]:
+        cfg, env = self.cfg, self.env
+        t, o = cfg["train"], cfg["output"]
+        self.maybe_resume()
+        self._open_outputs()
+        if self.global_step >= self.total_steps:
+            self._log(f"run {self.run_dir} is already complete ({self.global_step} steps)")
+            return self.metrics
+        self._set_quant_noise()
+        old_handlers = self._install_signals()
+        t0 = time.time()
+        self._log(f"training {cfg['model']['name']} supernet on {cfg['data']['name']} "
+                  f"({len(self.info.train)} samples): {self.total_steps} steps, {self.steps_per_epoch} per "
+                  f"epoch, global batch {cfg['data']['batch_size']}, {env.world_size} process(es) on "
+                  f"{self.device.type} -> {self.run_dir}")
+        try:
+            while self.global_step < self.total_steps:
+                self._run_epoch(t0)
+        finally:
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+            for m in quant_layers(self.net).values():
+                m.quant_noise_p = 1.0
+        barrier(env)
+        return self.metrics
+
+    def _run_epoch(self, t0: float) -> None:
+        cfg, env = self.cfg, self.env
+        t, o = cfg["train"], cfg["output"]
+        epoch = self.epoch
+        if self.step_in_epoch == 0:
+            self.epoch_loader_state = self.loader_gen.get_state()
+        else:
+            self.loader_gen.set_state(self.epoch_loader_state)
+        self.sampler.set_epoch(epoch)
+        self.sampler.set_start(self.step_in_epoch * self.rank_batch)
+        remaining = min(self.steps_per_epoch - self.step_in_epoch, self.total_steps - self.global_step)
+        bar = None
+        if env.is_main and o["progress"] and remaining > 0:
+            from tqdm import tqdm
+            bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, leave=False,
+                       desc=f"epoch {epoch + 1}/{t['epochs']}", dynamic_ncols=True, file=sys.stderr)
+        ep_sums: Dict[str, float] = {}
+        ep_n = 0
+        it = iter(self.train_loader) if remaining > 0 else iter(())
+        try:
+            for x, y in it:
+                if self.step_in_epoch >= self.steps_per_epoch or self.global_step >= self.total_steps:
+                    break
+                lr = lr_at(self.global_step, self.total_steps, self.warmup_steps, t["lr"], t["min_lr"])
+                for gr in self.opt.param_groups:
+                    gr["lr"] = lr
+                losses = self.train_step(self._to_device(x), y.to(self.device, non_blocking=True))
+                self.global_step += 1
+                self.step_in_epoch += 1
+                if self.aqt is not None and self.aqt.step(self.global_step):
+                    self._log(f"aqt: activation clip bounds calibrated at step {self.global_step}")
+                if self.bit_sched is not None:
+                    if self.global_step % cfg["scheduler"]["observe_every"] == 0:
+                        self.bit_sched.observe()
+                    self.bit_sched.step(self.global_step)
+                for k, v in losses.items():
+                    ep_sums[k] = ep_sums.get(k, 0.0) + v
+                ep_n += 1
+                if env.is_main and (self.global_step % o["log_every"] == 0 or self.global_step == 1):
+                    for k, v in losses.items():
+                        self._scalar(f"loss/{k}", v)
+                    self._scalar("lr", lr)
+                    if self.bit_sched is not None:
+                        self._scalar("sched/frozen", self.bit_sched.num_frozen())
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()}, refresh=False)
+                if o["checkpoint_every"] and self.global_step % o["checkpoint_every"] == 0:
+                    self.save_checkpoint()
+                if self.step_callback is not None:
+                    self.step_callback(self, self.global_step)
+                if any_rank(self._stop_signal is not None, env):
+                    signum = self._stop_signal or signal.SIGTERM
+                    path = self.save_checkpoint()
+                    barrier(env)
+                    raise TrainingInterrupted(int(signum), path)
+        finally:
+            if bar is not None:
+                bar.close()
+        # end of epoch (or of training)
+        last = self.global_step >= self.total_steps
+        if self.step_in_epoch < self.steps_per_epoch and not last:
+            return  # the loader ran dry early (should not happen with drop_last)
+        train_loss = {k: v / max(ep_n, 1) for k, v in ep_sums.items()}
+        due = ((epoch + 1) % cfg["eval"]["every_epochs"] == 0) or last
+        if due:
+            results = self.evaluate()
+            self._record(epoch, train_loss, results, time.time() - t0)
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self.epoch_loader_state = self.loader_gen.get_state()
+        self.save_checkpoint()
+
+    def _record(self, epoch: int, train_loss: Dict[str, float], results, elapsed: float) -> None:
+        frozen = self.bit_sched.frozen() if self.bit_sched is not None else {}
+        entry = {"epoch": epoch + 1, "step": self.global_step, "time_s": round(elapsed, 2),
+                 "lr": self.opt.param_groups[0]["lr"],
+                 "train_loss": {k: round(v, 5) for k, v in train_loss.items()},
+                 "acc": {k: round(v["acc"], 3) for k, v in results.items()},
+                 "val_loss": {k: round(v["loss"], 5) for k, v in results.items()},
+                 "num_frozen": sum(len(v) for v in frozen.values()), "frozen": frozen}
+        self.metrics = entry
+        self.history.append({"epoch": entry["epoch"], "step": entry["step"], "acc": entry["acc"]})
+        if not self.env.is_main:
+            return
+        with open(os.path.join(self.run_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+        for k, v in results.items():
+            self._scalar(f"acc/{k}", v["acc"])
+            self._scalar(f"val_loss/{k}", v["loss"])
+        accs = " ".join(f"{k} {v['acc']:.2f}" for k, v in results.items())
+        losses = " ".join(f"{k} {v:.3f}" for k, v in train_loss.items())
+        self._log(f"epoch {epoch + 1}/{self.cfg['train']['epochs']} step {self.global_step} "
+                  f"[{elapsed:.0f}s] loss: {losses} | acc%: {accs} | frozen {entry['num_frozen']}")
+        if self.writer is not None:
+            self.writer.flush()
+
+
+def train(cfg: Dict[str, Any], step_callback=None) -> Dict[str, Any]:
+    """Train a supernet from a validated config; returns the last metrics entry."""
+    return Trainer(cfg, step_callback=step_callback).fit()
