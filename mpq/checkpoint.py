@@ -70,10 +70,18 @@ def safe_load(path: str, what: str = "checkpoint") -> Dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
-        raise UserError(f"{what}: {path!r} was refused: it needs unpickling arbitrary objects, which "
-                        f"weights_only loading does not allow ({first[:200]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        text = " ".join(str(e).split())
+        m = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if m:
+            raise UserError(f"{what}: {path!r} was refused: it needs unpickling arbitrary objects "
+                            f"({m.group(1)}), which weights_only loading does not allow; a supernet "
+                            f"checkpoint holds only tensors and plain containers") from None
+        detail = text.split("WeightsUnpickler error:")[-1].split("Check the documentation")[0].strip()
+        raise UserError(f"{what}: {path!r} is truncated or corrupted and cannot be read "
+                        f"({detail[:120] or 'unpickling failed'})") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - zip/EOF/key/runtime errors of a damaged file
         raise UserError(f"{what}: {path!r} is truncated or corrupted and cannot be read "
                         f"({type(e).__name__})") from None
     if not isinstance(obj, dict):

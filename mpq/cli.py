@@ -54,7 +54,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise SystemExit(2)
 
     parser.error = _arg_error  # type: ignore[method-assign]
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_intermixed_args(argv)  # options may come between the overrides
+    except SystemExit as e:  # --help (0) or a usage error (2, one line printed above)
+        return int(e.code or 0)
     try:
         from .config import dump_config, load_config
         overrides = list(args.overrides)

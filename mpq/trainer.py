@@ -192,7 +192,11 @@ class Trainer:
         self._stop_signal: Optional[int] = None
         self.metrics: Dict[str, Any] = {}
         self.last_checkpoint: Optional[str] = None
+        self._resume_ckpt: Optional[Dict[str, Any]] = None
         try:
+            if t["resume"] not in (False, "auto"):  # refuse a bad checkpoint before loading any data
+                self._resume_ckpt = ckpt_io.safe_load(t["resume"], "train.resume")
+                ckpt_io.check_format(self._resume_ckpt, t["resume"])
             self._setup()
         except BaseException:
             cleanup(self.env)
@@ -410,8 +414,9 @@ class Trainer:
             path, ckpt = found
         else:
             path = mode
-            ckpt = ckpt_io.safe_load(path, "train.resume")
+            ckpt = self._resume_ckpt or ckpt_io.safe_load(path, "train.resume")
             ckpt_io.check_format(ckpt, path)
+            self._resume_ckpt = None
         self.load_state_dict(ckpt, path)
         self._log(f"resumed from {path} at step {self.global_step} (epoch {self.epoch + 1}, "
                   f"{self.step_in_epoch} steps into it)")
