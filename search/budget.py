@@ -1,0 +1,130 @@
+"""Budget strings: BitOPs ("22.8G", "500M", "1.5e9"), weight size ("2.5MB", "800KB", "1.2MiB") or a
+ratio of the all-8-bit BitOPs ("0.2").
+
+Rules (no spaces allowed inside a budget):
+
+* a number followed by ``K``, ``M``, ``G`` or ``T`` (decimal: 1e3 .. 1e12, any case), optionally
+  followed by ``BitOPs``/``BOPs``, is a BitOPs budget; a plain number above 1 ("1.5e9") too;
+* a number followed by ``B``, ``KB``, ``MB``, ``GB`` (decimal) or ``KiB``, ``MiB``, ``GiB`` (binary),
+  any case, is a weight-size budget in bytes;
+* a plain number in ``(0, 1]`` is a ratio of the BitOPs of every layer at 8/8 bits (where a size
+  budget is required, a plain number is a byte count).
+
+Everything else (``"3 GB"``, ``"-1"``, ``"abc"``, ``"0"``, ``""``) raises :class:`mpq.errors.UserError`
+naming the value and the accepted formats.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+from mpq.errors import UserError
+
+ACCEPTED = ("accepted formats: BitOPs like '22.8G', '500M', '1.5e9' (K/M/G/T = 1e3..1e12); "
+            "weight size like '2.5MB', '800KB', '1.2MiB' (KB/MB/GB = 1e3.., KiB/MiB/GiB = 1024..); "
+            "a ratio of the all-8-bit BitOPs like '0.2' (0 < ratio <= 1); no spaces")
+
+_NUMBER = r"(?P<num>(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)"
+_BITOPS_RE = re.compile(_NUMBER + r"(?P<unit>[kKmMgGtT])(?:bitops|BitOPs|BITOPS|bops|BOPs|BOPS|ops|OPs|OPS)?")
+_SIZE_RE = re.compile(_NUMBER + r"(?P<unit>[kKmMgG]?[iI]?[bB])")
+_PLAIN_RE = re.compile(_NUMBER)
+
+_DECIMAL = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+_BINARY = {"k": 1024.0, "m": 1024.0 ** 2, "g": 1024.0 ** 3}
+
+KINDS = ("bitops", "size", "ratio")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A parsed budget: ``kind`` is ``"bitops"``, ``"size"`` (bytes) or ``"ratio"`` (of the
+    all-8-bit BitOPs); ``text`` is what the user wrote."""
+
+    kind: str
+    value: float
+    text: str
+
+    def describe(self) -> str:
+        if self.kind == "bitops":
+            return f"{format_bitops(self.value)} BitOPs"
+        if self.kind == "size":
+            return f"{format_bytes(self.value)}"
+        return f"{self.value:g} x the all-8-bit BitOPs"
+
+
+def _bad(text: str, why: str = "") -> UserError:
+    extra = f" ({why})" if why else ""
+    return UserError(f"budget: {text!r} is not a valid budget{extra}; {ACCEPTED}")
+
+
+def _finite_positive(text: str, value: float) -> float:
+    if not math.isfinite(value) or value <= 0:
+        raise _bad(text, "it must be a finite number above 0")
+    return value
+
+
+def parse_budget(text, kind: Optional[str] = None) -> Budget:
+    """Parse a budget string. ``kind`` (``"bitops"``, ``"size"``, ``"ratio"``) requires that kind,
+    e.g. ``--budget-size`` passes ``"size"``; ``None`` accepts any of them."""
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS} or None, got {kind!r}")
+    if not isinstance(text, str):
+        raise _bad(repr(text), "not a string")
+    s = text
+    if s != s.strip() or not s or " " in s:
+        raise _bad(text, "empty or contains spaces" if s.strip() else "empty")
+    parsed: Optional[Budget] = None
+    m = _BITOPS_RE.fullmatch(s)
+    if m:
+        value = float(m.group("num")) * _DECIMAL[m.group("unit").lower()]
+        parsed = Budget("bitops", _finite_positive(text, value), text)
+    if parsed is None:
+        m = _SIZE_RE.fullmatch(s)
+        if m:
+            unit = m.group("unit").lower()
+            prefix, binary = unit[:-1].rstrip("i"), unit.endswith("ib")
+            if binary and not prefix:
+                raise _bad(text, "'iB' needs a prefix: KiB, MiB or GiB")
+            scale = _BINARY[prefix] if binary else _DECIMAL[prefix]
+            parsed = Budget("size", _finite_positive(text, float(m.group("num")) * scale), text)
+    if parsed is None:
+        m = _PLAIN_RE.fullmatch(s)
+        if m:
+            value = _finite_positive(text, float(m.group("num")))
+            if kind == "ratio" or (kind is None and value <= 1.0):
+                if value > 1.0:
+                    raise _bad(text, "a ratio must lie in (0, 1]")
+                parsed = Budget("ratio", value, text)
+            else:
+                parsed = Budget("size" if kind == "size" else "bitops", value, text)
+    if parsed is None:
+        raise _bad(text)
+    if kind is not None and parsed.kind != kind:
+        raise UserError(f"budget: {text!r} is a {parsed.kind} budget, but a {kind} budget is expected "
+                        f"here; {ACCEPTED}")
+    return parsed
+
+
+def parse_budget_list(text: str) -> list:
+    """``"34.7G,22.8G,14.4G"`` -> list of :class:`Budget` (any kind each)."""
+    if not isinstance(text, str) or not text.strip():
+        raise _bad(str(text), "empty list")
+    return [parse_budget(part) for part in text.split(",")]
+
+
+def format_bitops(value: float) -> str:
+    """``22.85e9`` -> ``"22.85G"``."""
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.4g}{unit}"
+    return f"{value:.4g}"
+
+
+def format_bytes(value: float) -> str:
+    """``2.5e6`` -> ``"2.5MB"`` (decimal units)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.4g}{unit}"
+    return f"{value:.4g}B"

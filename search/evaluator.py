@@ -1,0 +1,394 @@
+"""Accuracy / loss of one bit configuration of a supernet, with BatchNorm re-calibration.
+
+BatchNorm statistics depend on the bit configuration. A supernet trained with *shared* BN
+(``quant.bn == "shared"``) keeps one set of running statistics for every configuration, so before a
+configuration is evaluated the BN layers it uses are re-calibrated: their running statistics are reset
+and recomputed as a cumulative average (``momentum=None``) over a few batches in train mode, under
+``no_grad``. A supernet with *switchable* BN stores statistics per (w_bits, a_bits), so no
+re-calibration is needed (it can still be forced).
+
+Every subnet forward pass (one batch) is counted in a :class:`ForwardCounter`, so the cost of a search
+can be reported and compared.
+
+Distributed (``torch.distributed`` initialised, world size > 1): the evaluation data is sharded across
+ranks by index striding (rank ``r`` takes samples ``r, r + W, r + 2W, ...``; no shuffle) and the sums of
+correct predictions, loss and sample count are all-reduced, so every rank gets the same result. BN
+re-calibration and the proxy batch use the *same* batches on every rank (no communication needed, the
+statistics are identical everywhere). Without ``torch.distributed`` everything runs in one process.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from mpq.layers import SwitchableBatchNorm2d
+from mpq.supernet import set_bits, unwrap
+
+DEFAULT_BN_BATCHES = 8
+DEFAULT_BATCH_SIZE = 256
+
+Batch = Tuple[torch.Tensor, torch.Tensor]
+Data = Union[Dataset, Iterable]
+
+
+@dataclass
+class ForwardCounter:
+    """Subnet forward passes (batches through the network), split by purpose.
+
+    ``eval_forwards``: batches of exact evaluations; ``bn_forwards``: batches spent re-calibrating BN;
+    ``proxy_forwards``: batches of cheap proxy evaluations; ``evaluations`` / ``proxy_evaluations``:
+    configurations evaluated exactly / by proxy.
+    """
+
+    eval_forwards: int = 0
+    bn_forwards: int = 0
+    proxy_forwards: int = 0
+    evaluations: int = 0
+    proxy_evaluations: int = 0
+    samples: int = 0
+
+    @property
+    def forwards(self) -> int:
+        """All subnet forward passes."""
+        return self.eval_forwards + self.bn_forwards + self.proxy_forwards
+
+    def reset(self) -> None:
+        self.eval_forwards = self.bn_forwards = self.proxy_forwards = 0
+        self.evaluations = self.proxy_evaluations = self.samples = 0
+
+    def as_dict(self) -> Dict[str, int]:
+        return {"forwards": self.forwards, "eval_forwards": self.eval_forwards,
+                "bn_forwards": self.bn_forwards, "proxy_forwards": self.proxy_forwards,
+                "evaluations": self.evaluations, "proxy_evaluations": self.proxy_evaluations,
+                "samples": self.samples}
+
+    def __sub__(self, other: "ForwardCounter") -> "ForwardCounter":
+        return ForwardCounter(*(getattr(self, f) - getattr(other, f) for f in
+                                ("eval_forwards", "bn_forwards", "proxy_forwards", "evaluations",
+                                 "proxy_evaluations", "samples")))
+
+    def copy(self) -> "ForwardCounter":
+        return self - ForwardCounter()
+
+
+# ----------------------------------------------------------------------------------------- distributed
+def dist_info() -> Tuple[int, int]:
+    """``(rank, world_size)``; ``(0, 1)`` without an initialised process group."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def shard(dataset: Dataset, rank: Optional[int] = None, world: Optional[int] = None) -> Dataset:
+    """This rank's part of ``dataset`` by index striding (no shuffle, no padding: every sample is
+    evaluated exactly once over all ranks)."""
+    r, w = dist_info()
+    rank = r if rank is None else rank
+    world = w if world is None else world
+    if world <= 1:
+        return dataset
+    return Subset(dataset, list(range(rank, len(dataset), world)))
+
+
+def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    rank, world = dist_info()
+    if world <= 1:
+        return values
+    backend = torch.distributed.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    t = values.to(device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    return t.cpu()
+
+
+# ------------------------------------------------------------------------------------------------ data
+def _split(batch: Any) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    if isinstance(batch, (list, tuple)):
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    raise TypeError(f"a batch must be a tensor or an (inputs, targets) pair, got {type(batch).__name__}")
+
+
+def make_loader(data: Data, batch_size: int = DEFAULT_BATCH_SIZE, workers: int = 0) -> Iterable:
+    """A deterministic (unshuffled) loader over a Dataset; any other iterable is returned as is."""
+    if isinstance(data, Dataset):
+        return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers,
+                          drop_last=False)
+    return data
+
+
+def take_batches(data: Data, num_batches: Optional[int] = None, batch_size: int = DEFAULT_BATCH_SIZE,
+                 workers: int = 0, device: Optional[torch.device] = None) -> List[Batch]:
+    """Materialise the first ``num_batches`` batches (all when ``None``) as a list, on ``device``."""
+    out: List[Batch] = []
+    if num_batches is not None and num_batches <= 0:
+        return out
+    for batch in make_loader(data, batch_size, workers):
+        x, y = _split(batch)
+        out.append((x.to(device) if device is not None else x,
+                    y.to(device) if (y is not None and device is not None) else y))
+        if num_batches is not None and len(out) >= num_batches:
+            break
+    return out
+
+
+# ------------------------------------------------------------------------------------------- batchnorm
+def bn_modules_in_use(net: nn.Module) -> List[_BatchNorm]:
+    """The BatchNorm modules a forward pass of the active configuration uses: every plain BatchNorm,
+    and the active entry of every :class:`~mpq.layers.SwitchableBatchNorm2d`."""
+    net = unwrap(net)
+    used: List[_BatchNorm] = []
+    inside_switchable = set()
+    for m in net.modules():
+        if isinstance(m, SwitchableBatchNorm2d):
+            used.append(m.current())
+            inside_switchable.update(id(b) for b in m.bns.values())
+    for m in net.modules():
+        if isinstance(m, _BatchNorm) and id(m) not in inside_switchable:
+            used.append(m)
+    return used
+
+
+def uses_shared_bn(net: nn.Module) -> bool:
+    """Whether BN statistics are shared by all configurations, so each configuration needs BN
+    re-calibration: the spec's ``bn == "shared"``, else whether any plain BatchNorm is in use."""
+    net = unwrap(net)
+    spec = getattr(net, "mpq_spec", None)
+    if isinstance(spec, Mapping) and "bn" in spec:
+        return spec["bn"] == "shared"
+    switchable = {id(b) for m in net.modules() if isinstance(m, SwitchableBatchNorm2d)
+                  for b in m.bns.values()}
+    return any(isinstance(m, _BatchNorm) and id(m) not in switchable for m in net.modules())
+
+
+def _device_of(net: nn.Module, device) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    p = next(net.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def recalibrate_bn(net: nn.Module, loader: Data, num_batches: int = DEFAULT_BN_BATCHES,
+                   device=None, counter: Optional[ForwardCounter] = None,
+                   batch_size: int = DEFAULT_BATCH_SIZE) -> int:
+    """Reset the running statistics of the BN layers in use and recompute them as the cumulative
+    average over ``num_batches`` batches of ``loader`` (BN in train mode, everything else in eval
+    mode, under ``no_grad``). Leaves the network in eval mode; returns the batches used."""
+    net = unwrap(net)
+    device = _device_of(net, device)
+    bns = bn_modules_in_use(net)
+    if not bns:
+        return 0
+    if num_batches <= 0:
+        raise ValueError(f"BN re-calibration needs at least one batch, got num_batches={num_batches}")
+    momenta = [bn.momentum for bn in bns]
+    net.eval()
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    used = 0
+    try:
+        for batch in make_loader(loader, batch_size):
+            if used >= num_batches:
+                break
+            x, _ = _split(batch)
+            net(x.to(device, non_blocking=True))
+            used += 1
+            if counter is not None:
+                counter.bn_forwards += 1
+    finally:
+        for bn, mom in zip(bns, momenta):
+            bn.momentum = mom
+            bn.eval()
+    if used == 0:
+        raise ValueError("BN re-calibration: the calibration loader yielded no batch")
+    return used
+
+
+@contextlib.contextmanager
+def batch_stat_bn(net: nn.Module) -> Iterator[None]:
+    """Within the block, the BN layers in use normalise with the statistics of the current batch
+    and leave their running statistics untouched (the reference search's cheap scoring mode)."""
+    bns = bn_modules_in_use(net)
+    saved = [(bn.training, bn.track_running_stats) for bn in bns]
+    for bn in bns:
+        bn.train()
+        bn.track_running_stats = False
+    try:
+        yield
+    finally:
+        for bn, (training, track) in zip(bns, saved):
+            bn.track_running_stats = track
+            bn.train(training)
+
+
+# ---------------------------------------------------------------------------------------------- eval
+BN_MODES = ("auto", "recalibrate", "stored", "batch")
+
+
+@torch.no_grad()
+def _run(net: nn.Module, loader: Iterable, device: torch.device, batch_size: int,
+         max_batches: Optional[int]) -> Tuple[float, float, int, int]:
+    correct = 0
+    loss_sum = 0.0
+    n = 0
+    batches = 0
+    for batch in make_loader(loader, batch_size):
+        if max_batches is not None and batches >= max_batches:
+            break
+        x, y = _split(batch)
+        if y is None:
+            raise ValueError("evaluation batches need targets: (inputs, targets) pairs")
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        logits = net(x)
+        loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+        n += int(y.numel())
+        batches += 1
+    return correct, loss_sum, n, batches
+
+
+def evaluate(net: nn.Module, config: Optional[Mapping[str, Sequence[int]]], loader: Data,
+             bn_loader: Optional[Data] = None, bn_batches: int = DEFAULT_BN_BATCHES, device=None,
+             recalibrate: Optional[bool] = None, bn_mode: str = "auto",
+             counter: Optional[ForwardCounter] = None, batch_size: int = DEFAULT_BATCH_SIZE,
+             max_batches: Optional[int] = None, reduce: Optional[bool] = None) -> Dict[str, float]:
+    """Accuracy and mean cross-entropy of ``config`` (``None``: the active one) on ``loader``.
+
+    Args:
+        loader: a Dataset (wrapped in an unshuffled DataLoader of ``batch_size``; sharded across
+            ranks under ``torch.distributed``) or any iterable of ``(inputs, targets)`` batches (taken
+            to be this rank's shard).
+        bn_loader: batches for BN re-calibration (default: ``loader``); the same on every rank.
+        bn_batches: number of re-calibration batches.
+        recalibrate: ``None`` re-calibrates when the supernet shares BN across configurations
+            (``quant.bn == "shared"``); ``True`` forces it, ``False`` skips it.
+        bn_mode: ``"auto"`` (as ``recalibrate`` says), ``"recalibrate"``, ``"stored"`` (use the
+            running statistics as they are) or ``"batch"`` (normalise with each batch's own
+            statistics, nothing changes in the network).
+        counter: counts the forward passes.
+        reduce: all-reduce the sums across ranks (default: when ``torch.distributed`` runs with
+            more than one rank).
+    Returns ``{"acc", "loss", "n"}`` (accuracy in [0, 1], mean loss, number of samples).
+    """
+    net = unwrap(net)
+    device = _device_of(net, device)
+    if bn_mode not in BN_MODES:
+        raise ValueError(f"bn_mode: {bn_mode!r} is not allowed; allowed: {list(BN_MODES)}")
+    if config is not None:
+        set_bits(net, config)
+    if bn_mode == "auto":
+        do_recal = uses_shared_bn(net) if recalibrate is None else bool(recalibrate)
+        bn_mode = "recalibrate" if do_recal else "stored"
+    rank, world = dist_info()
+    if isinstance(loader, Dataset):
+        loader = shard(loader)
+    if bn_mode == "recalibrate":
+        recalibrate_bn(net, loader if bn_loader is None else bn_loader, bn_batches, device, counter,
+                       batch_size)
+    net.eval()
+    ctx = batch_stat_bn(net) if bn_mode == "batch" else contextlib.nullcontext()
+    with ctx:
+        correct, loss_sum, n, batches = _run(net, loader, device, batch_size, max_batches)
+    if counter is not None:
+        counter.eval_forwards += batches
+        counter.samples += n
+        counter.evaluations += 1
+    if (world > 1) if reduce is None else reduce:
+        sums = _all_reduce_sum(torch.tensor([correct, loss_sum, n], dtype=torch.float64))
+        correct, loss_sum, n = int(round(float(sums[0]))), float(sums[1]), int(round(float(sums[2])))
+    if n == 0:
+        raise ValueError("evaluate: the evaluation data is empty")
+    return {"acc": correct / n, "loss": loss_sum / n, "n": n}
+
+
+class Evaluator:
+    """Evaluates configurations of one supernet on fixed, in-memory calibration batches.
+
+    * :meth:`exact`: the whole calibration set (this rank's shard, all-reduced), BN re-calibrated on
+      the BN batches first when the supernet shares BN;
+    * :meth:`proxy`: the first ``proxy_batches`` calibration batches (the same on every rank, no
+      communication) with batch-statistics BN (shared BN) or the stored statistics (switchable BN):
+      one forward pass per batch, no re-calibration; used to pre-rank greedy moves.
+
+    Results are returned as ``{"acc", "loss", "n"}``; forward passes are counted in ``counter``.
+
+    Args:
+        net: the supernet (any wrapper is unwrapped).
+        calib: calibration Dataset (or list of batches) - the held-out search data.
+        bn_data: data for BN re-calibration (default: ``calib``).
+    """
+
+    def __init__(self, net: nn.Module, calib: Data, bn_data: Optional[Data] = None, *,
+                 batch_size: int = DEFAULT_BATCH_SIZE, bn_batches: int = DEFAULT_BN_BATCHES,
+                 proxy_batches: int = 1, device=None, recalibrate: Optional[bool] = None,
+                 counter: Optional[ForwardCounter] = None, workers: int = 0) -> None:
+        self.net = unwrap(net)
+        self.device = _device_of(self.net, device)
+        self.batch_size = batch_size
+        self.counter = counter if counter is not None else ForwardCounter()
+        self.recalibrate = uses_shared_bn(self.net) if recalibrate is None else bool(recalibrate)
+        self.shared_bn = uses_shared_bn(self.net)
+        rank, world = dist_info()
+        if world > 1 and isinstance(calib, Dataset):
+            # this rank's shard for exact evaluation; the head (proxy / BN batches) is the same on
+            # every rank
+            head_len = max(1, proxy_batches, bn_batches if bn_data is None else 0)
+            head = take_batches(calib, head_len, batch_size, workers, self.device)
+            self.calib = take_batches(shard(calib), None, batch_size, workers, self.device)
+        else:
+            head = self.calib = take_batches(calib, None, batch_size, workers, self.device)
+        if not head:
+            raise ValueError("Evaluator: the calibration data is empty")
+        self.proxy_data = head[:max(1, proxy_batches)]
+        self.bn_batches = bn_batches
+        self.bn_data = (take_batches(bn_data, bn_batches, batch_size, workers, self.device)
+                        if bn_data is not None else head[:bn_batches])
+        if self.recalibrate and not self.bn_data:
+            raise ValueError("Evaluator: BN re-calibration needs at least one batch")
+
+    def exact(self, config: Optional[Mapping[str, Sequence[int]]]) -> Dict[str, float]:
+        """The configuration's accuracy/loss on the whole calibration set."""
+        return evaluate(self.net, config, self.calib, self.bn_data, len(self.bn_data), self.device,
+                        recalibrate=self.recalibrate, counter=self.counter, batch_size=self.batch_size,
+                        reduce=dist_info()[1] > 1)
+
+    def proxy(self, config: Optional[Mapping[str, Sequence[int]]]) -> Dict[str, float]:
+        """Cheap estimate on the proxy batch(es): one forward pass per batch, nothing re-calibrated."""
+        before = self.counter.copy()
+        out = evaluate(self.net, config, self.proxy_data, device=self.device,
+                       bn_mode="batch" if self.shared_bn else "stored", counter=self.counter,
+                       batch_size=self.batch_size, reduce=False)
+        spent = self.counter - before
+        self.counter.eval_forwards -= spent.eval_forwards
+        self.counter.evaluations -= spent.evaluations
+        self.counter.samples -= spent.samples
+        self.counter.proxy_forwards += spent.eval_forwards
+        self.counter.proxy_evaluations += 1
+        return out
+
+    def evaluate(self, config: Optional[Mapping[str, Sequence[int]]], data: Data,
+                 counter: Optional[ForwardCounter] = None) -> Dict[str, float]:
+        """The configuration on other data (e.g. the held-out evaluation split), BN re-calibrated
+        on the same BN batches as :meth:`exact`."""
+        return evaluate(self.net, config, data, self.bn_data, len(self.bn_data), self.device,
+                        recalibrate=self.recalibrate, counter=counter, batch_size=self.batch_size)
+
+    def prepare(self, config: Optional[Mapping[str, Sequence[int]]]) -> None:
+        """Select ``config`` and re-calibrate BN for it (as :meth:`exact` would), e.g. before export."""
+        net = self.net
+        if config is not None:
+            set_bits(net, config)
+        if self.recalibrate:
+            recalibrate_bn(net, self.bn_data, len(self.bn_data), self.device, None, self.batch_size)
+        net.eval()

@@ -1,0 +1,349 @@
+"""Greedy bit-width search: walk down from the highest configuration, one bit-width step at a time.
+
+At each iteration every *move* is considered: lowering the weight **or** the activation bit-width of
+one layer by one candidate step (e.g. 6 -> 5 in ``(2, 3, 4, 5, 6)``). Each move is scored by the
+metric it costs (loss or error increase, measured on the calibration set) against the cost it saves;
+the best move is applied; the walk stops when the budget is met (or, with ``to_min``, at the lowest
+configuration). Every visited configuration is recorded: the path is a set of Pareto candidates, so one
+walk answers every budget above its end.
+
+Scores (lower is better, configurable with ``score``):
+
+* ``"ratio"`` (default): ``(metric(c') - metric(c)) / ((cost(c) - cost(c')) / cost(start))`` - the
+  metric increase per fraction of the start cost saved ("delta loss / delta BitOPs");
+* ``"reference"``: the one-shot paper's ``1.5 * metric(c') / max_metric - (1 - cost(c') / cost(start))``
+  with ``max_metric`` the largest metric among the moves scored in that iteration.
+
+``metric`` is ``"loss"`` (mean cross-entropy, default: smoother than accuracy on a small calibration
+set) or ``"err"`` (``1 - accuracy``).
+
+Strategies:
+
+* ``"naive"``: every iteration evaluates every move exactly (whole calibration set, BN re-calibrated);
+* ``"fast"`` (default): moves are pre-ranked by a cheap *proxy* (one batch, batch-statistics BN: one
+  forward pass per move) and only the best ``top_k`` are evaluated exactly; the proxy deltas are
+  *lazy*: a move's proxy delta is re-measured only when its layer changed (or every ``refresh``
+  iterations when ``refresh > 0``), the others reuse the previous measurement. Exact results are
+  memoised by configuration.
+
+The algorithm (:func:`greedy_search`) is pure: it takes a cost function and evaluation functions over
+configurations ``{layer: (w_bits, a_bits)}``, so it is testable on a constructed table;
+:func:`search_supernet` binds it to a supernet, an :class:`~search.evaluator.Evaluator` and the cost model.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+Config = Dict[str, Tuple[int, int]]
+Choices = Mapping[str, Tuple[Sequence[int], Sequence[int]]]
+EvalFn = Callable[[Config], Union[float, Mapping[str, float]]]
+
+STRATEGIES = ("fast", "naive")
+SCORES = ("ratio", "reference")
+METRICS = ("loss", "err")
+DEFAULT_TOP_K = 2
+DEFAULT_REFRESH = 0
+
+
+@dataclass(frozen=True)
+class Move:
+    """Lower ``kind`` (``"w"`` or ``"a"``) of ``layer`` from ``old`` to ``new`` bits."""
+
+    layer: str
+    kind: str
+    old: int
+    new: int
+
+    def apply(self, config: Mapping[str, Tuple[int, int]]) -> Config:
+        out = dict(config)
+        w, a = out[self.layer]
+        out[self.layer] = (self.new, a) if self.kind == "w" else (w, self.new)
+        return out
+
+    def __str__(self) -> str:
+        return f"{self.layer}.{self.kind}{self.old}->{self.new}"
+
+
+@dataclass
+class Step:
+    """One point of the search path.
+
+    ``cost``: the search cost (BitOPs or bytes); ``metric``: the exact metric (lower is better);
+    ``result``: the full evaluation result (e.g. ``acc``, ``loss``, ``n``); ``move``/``score``: the
+    move that led here and its score (``None`` for the start); ``bitops``/``size_bytes`` are filled by
+    :func:`search_supernet`.
+    """
+
+    index: int
+    config: Config
+    cost: float
+    metric: float
+    result: Dict[str, float]
+    move: Optional[Move] = None
+    score: Optional[float] = None
+    bitops: Optional[float] = None
+    size_bytes: Optional[float] = None
+
+
+@dataclass
+class SearchResult:
+    path: List[Step]
+    strategy: str
+    score: str
+    metric: str
+    exact_calls: int = 0
+    proxy_calls: int = 0
+    stats: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final(self) -> Step:
+        return self.path[-1]
+
+    def select(self, fits: Callable[[Config], bool]) -> Optional[Step]:
+        """The best path point (lowest metric; ties: the earliest) that ``fits``; ``None`` if none."""
+        ok = [s for s in self.path if fits(s.config)]
+        if not ok:
+            return None
+        return min(ok, key=lambda s: (s.metric, s.index))
+
+
+def config_key(config: Mapping[str, Tuple[int, int]]) -> Tuple:
+    return tuple(sorted((k, int(v[0]), int(v[1])) for k, v in config.items()))
+
+
+def _metric_of(result: Union[float, Mapping[str, float]], metric: str) -> Tuple[float, Dict[str, float]]:
+    if isinstance(result, Mapping):
+        out = {k: float(v) for k, v in result.items()}
+        if metric == "err" and "err" not in out and "acc" in out:
+            out["err"] = 1.0 - out["acc"]
+        if metric not in out:
+            raise KeyError(f"the evaluation result has no {metric!r} entry: {sorted(out)}")
+        return out[metric], out
+    value = float(result)
+    return value, {metric: value}
+
+
+def down_moves(config: Mapping[str, Tuple[int, int]], choices: Choices,
+               kinds: Sequence[str] = ("w", "a")) -> List[Move]:
+    """Every one-step-down move from ``config``, in layer order, weights before activations."""
+    moves = []
+    for layer in config:
+        w, a = config[layer]
+        for kind in ("w", "a"):
+            if kind not in kinds:
+                continue
+            cands = choices[layer][0 if kind == "w" else 1]
+            cur = w if kind == "w" else a
+            lower = [int(c) for c in cands if c < cur]
+            if lower:
+                moves.append(Move(layer, kind, cur, max(lower)))
+    return moves
+
+
+def _score(kind: str, m0: float, m1: float, c0: float, c1: float, cost_ref: float,
+           metric_ref: float) -> float:
+    saved = c0 - c1
+    if saved <= 0:
+        return math.inf
+    if kind == "ratio":
+        return (m1 - m0) / (saved / cost_ref)
+    return 1.5 * m1 / max(metric_ref, 1e-12) - (1.0 - c1 / cost_ref)
+
+
+def greedy_search(start: Mapping[str, Tuple[int, int]], choices: Choices,
+                  cost_fn: Callable[[Config], float], evaluate_fn: EvalFn, *,
+                  proxy_fn: Optional[EvalFn] = None, budget: Optional[float] = None,
+                  fits: Optional[Callable[[Config], bool]] = None, to_min: bool = False,
+                  strategy: str = "fast", top_k: int = DEFAULT_TOP_K, refresh: int = DEFAULT_REFRESH,
+                  score: str = "ratio", metric: str = "loss", kinds: Sequence[str] = ("w", "a"),
+                  progress: Optional[Callable[[Step], None]] = None) -> SearchResult:
+    """Greedy walk from ``start`` down the bit-widths (see the module docstring).
+
+    Args:
+        start: the first configuration (usually every layer at its highest bits).
+        choices: ``{layer: (w_candidates, a_candidates)}``.
+        cost_fn: configuration -> cost (BitOPs or bytes); moves that do not lower it are skipped.
+        evaluate_fn: exact evaluation: configuration -> metric value or a mapping holding ``metric``
+            (or ``acc`` for ``metric="err"``).
+        proxy_fn: cheap evaluation for the fast strategy (default: ``evaluate_fn``, i.e. lazy exact).
+        budget / fits: stop once ``cost <= budget`` / ``fits(config)`` (both when both are given).
+        to_min: keep walking to the lowest configuration (the whole Pareto path).
+        strategy: ``"fast"`` or ``"naive"``.
+        top_k: fast strategy: moves evaluated exactly per iteration.
+        refresh: fast strategy: re-measure every proxy delta every ``refresh`` iterations (0: only
+            those of the layer that changed).
+        score: ``"ratio"`` or ``"reference"``; metric: result key to minimise (``"loss"``/``"err"``).
+        kinds: which bit-widths may move (``("w",)`` for a size budget that ignores activations).
+        progress: called with every new path step.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy: {strategy!r} is not allowed; allowed: {list(STRATEGIES)}")
+    if score not in SCORES:
+        raise ValueError(f"score: {score!r} is not allowed; allowed: {list(SCORES)}")
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
+
+    def satisfied(cfg: Config, cost: float) -> bool:
+        ok = True
+        if budget is not None:
+            ok = ok and cost <= budget
+        if fits is not None:
+            ok = ok and bool(fits(cfg))
+        return ok and (budget is not None or fits is not None)
+
+    exact_memo: Dict[Tuple, Tuple[float, Dict[str, float]]] = {}
+    proxy_memo: Dict[Tuple, float] = {}
+    calls = {"exact": 0, "proxy": 0}
+
+    def exact(cfg: Config) -> Tuple[float, Dict[str, float]]:
+        key = config_key(cfg)
+        if key not in exact_memo:
+            calls["exact"] += 1
+            exact_memo[key] = _metric_of(evaluate_fn(cfg), metric)
+        return exact_memo[key]
+
+    def proxy(cfg: Config) -> float:
+        if proxy_fn is None:
+            return exact(cfg)[0]
+        key = config_key(cfg)
+        if key not in proxy_memo:
+            calls["proxy"] += 1
+            proxy_memo[key] = _metric_of(proxy_fn(cfg), metric)[0]
+        return proxy_memo[key]
+
+    base: Config = {k: (int(v[0]), int(v[1])) for k, v in start.items()}
+    base_cost = float(cost_fn(base))
+    cost_ref = base_cost if base_cost > 0 else 1.0
+    m_base, r_base = exact(base)
+    path = [Step(0, dict(base), base_cost, m_base, r_base)]
+    if progress:
+        progress(path[-1])
+    order = {(layer, kind): i for i, (layer, kind) in
+             enumerate((layer, kind) for layer in base for kind in ("w", "a"))}
+    # fast strategy state: proxy delta per (layer, kind, current bits of that layer)
+    lazy: Dict[Tuple, Tuple[float, int]] = {}
+    p_base: Optional[float] = None
+    iteration = 0
+    while to_min or not satisfied(base, base_cost):
+        moves = []
+        for mv in down_moves(base, choices, kinds):
+            cfg = mv.apply(base)
+            c = float(cost_fn(cfg))
+            if c < base_cost:
+                moves.append((mv, cfg, c))
+        if not moves:
+            break
+        if strategy == "naive":
+            evaluated = [(mv, cfg, c, *exact(cfg)) for mv, cfg, c in moves]
+        else:
+            if p_base is None:
+                p_base = proxy(base)
+            fresh: Dict[Move, float] = {}
+            ranked = []
+            for mv, cfg, c in moves:
+                key = (mv.layer, mv.kind, base[mv.layer])
+                hit = lazy.get(key)
+                if hit is None or (refresh > 0 and iteration - hit[1] >= refresh):
+                    p = proxy(cfg)
+                    fresh[mv] = p
+                    lazy[key] = (p - p_base, iteration)
+                ranked.append((mv, cfg, c, p_base + lazy[key][0]))
+            p_ref = max(r[3] for r in ranked)
+            ranked.sort(key=lambda r: (_score(score, p_base, r[3], base_cost, r[2], cost_ref, p_ref),
+                                       order[(r[0].layer, r[0].kind)]))
+            evaluated = [(mv, cfg, c, *exact(cfg)) for mv, cfg, c, _ in ranked[:top_k]]
+        m_ref = max(e[3] for e in evaluated)
+        scored = [(_score(score, m_base, e[3], base_cost, e[2], cost_ref, m_ref),
+                   order[(e[0].layer, e[0].kind)], e) for e in evaluated]
+        best_score, _, (mv, cfg, c, m, r) = min(scored, key=lambda s: (s[0], s[1]))
+        if strategy == "fast":
+            p_base = fresh.get(mv)  # None: measured lazily at the next iteration
+        base, base_cost, m_base = cfg, c, m
+        iteration += 1
+        path.append(Step(len(path), dict(base), base_cost, m, r, mv, best_score))
+        if progress:
+            progress(path[-1])
+    return SearchResult(path, strategy, score, metric, calls["exact"], calls["proxy"])
+
+
+# ------------------------------------------------------------------------------ supernet binding
+class CostModel:
+    """BitOPs and weight size of configurations of one supernet, as fast dot products.
+
+    ``bitops(c)`` equals :func:`search.bitops` and ``size_bytes(c)`` equals
+    :func:`search.model_size_bytes` for the same configuration.
+    """
+
+    def __init__(self, net, input_size: Sequence[int]) -> None:
+        from mpq.supernet import quant_layers, unwrap
+        from .cost import BitOpsCounter, model_size_bytes
+        net = unwrap(net)
+        self.counter = BitOpsCounter(net, input_size)
+        layers = quant_layers(net)
+        self.numel = {n: m.weight.numel() for n, m in layers.items()}
+        self.fixed_bytes = model_size_bytes(net, {n: (0, 0) for n in layers})
+        self.layers = list(layers)
+
+    def bitops(self, config: Mapping[str, Tuple[int, int]]) -> float:
+        return self.counter.bitops(config)
+
+    def size_bytes(self, config: Mapping[str, Tuple[int, int]]) -> float:
+        return self.fixed_bytes + sum(self.numel[n] * config[n][0] for n in self.numel) / 8.0
+
+    def uniform8_bitops(self) -> float:
+        """BitOPs with every quantized layer at 8/8 bits (the reference of ratio budgets)."""
+        return float(sum(m * 64 for m in self.counter.macs.values()))
+
+
+def layer_choices(net) -> Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...]]]:
+    """``{layer: (w_candidates, a_candidates)}`` of a supernet."""
+    from mpq.supernet import quant_layers
+    return {n: (tuple(m.w_candidates), tuple(m.a_candidates)) for n, m in quant_layers(net).items()}
+
+
+def search_supernet(net, evaluator, cost: CostModel, *, max_bitops: Optional[float] = None,
+                    max_size: Optional[float] = None, fits: Optional[Callable[[Config], bool]] = None,
+                    cost_kind: Optional[str] = None, to_min: bool = False, strategy: str = "fast",
+                    top_k: int = DEFAULT_TOP_K, refresh: int = DEFAULT_REFRESH, score: str = "ratio",
+                    metric: str = "loss", start: Optional[Mapping[str, Tuple[int, int]]] = None,
+                    progress: Optional[Callable[[Step], None]] = None) -> SearchResult:
+    """Greedy search of a supernet under a BitOPs and/or weight-size budget.
+
+    Args:
+        evaluator: provides ``exact(config)`` and ``proxy(config)`` (an
+            :class:`~search.evaluator.Evaluator`).
+        max_bitops / max_size / fits: the budget (all given constraints must hold); none of them:
+            walk to the lowest configuration.
+        cost_kind: ``"bitops"`` or ``"size"``, the cost moves are scored against; default BitOPs
+            unless only ``max_size`` is given. Against size only weight bit-widths move (activations
+            do not change the size).
+    Steps get ``bitops`` and ``size_bytes`` filled in.
+    """
+    from mpq.supernet import max_config
+    if cost_kind is None:
+        cost_kind = "size" if (max_size is not None and max_bitops is None and fits is None) else "bitops"
+    if cost_kind not in ("bitops", "size"):
+        raise ValueError(f"cost_kind: {cost_kind!r} is not allowed; allowed: ['bitops', 'size']")
+    cost_fn = cost.size_bytes if cost_kind == "size" else cost.bitops
+    has_budget = max_bitops is not None or max_size is not None or fits is not None
+
+    def fits_all(cfg: Config) -> bool:
+        return ((max_bitops is None or cost.bitops(cfg) <= max_bitops)
+                and (max_size is None or cost.size_bytes(cfg) <= max_size)
+                and (fits is None or bool(fits(cfg))))
+
+    def annotate(step: Step) -> None:
+        step.bitops = cost.bitops(step.config)
+        step.size_bytes = cost.size_bytes(step.config)
+        if progress:
+            progress(step)
+
+    return greedy_search(dict(start) if start is not None else max_config(net), layer_choices(net),
+                         cost_fn, evaluator.exact,
+                         proxy_fn=evaluator.proxy if strategy == "fast" else None,
+                         fits=fits_all if has_budget else None, to_min=to_min or not has_budget,
+                         strategy=strategy, top_k=top_k, refresh=refresh, score=score,
+                         metric=metric, kinds=("w",) if cost_kind == "size" else ("w", "a"),
+                         progress=annotate)

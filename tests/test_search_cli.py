@@ -1,0 +1,223 @@
+"""search.py / search.cli end to end on a tiny supernet checkpoint, and its user errors."""
+import csv
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mpq
+from mpq.checkpoint import atomic_save, build_supernet, load_supernet
+from search.cli import heldout_split, main
+from search.evaluator import evaluate
+from search.export import load_fixed
+from search.greedy import CostModel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--calib-size", "128", "--eval-size", "512", "--bn-batches", "1", "--batch-size", "128", "--quiet"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _spec(name="small_cnn", in_channels=1, bn="shared"):
+    return {"model": {"name": name, "num_classes": 10, "in_channels": in_channels},
+            "quant": {"w_bits": [2, 3, 4, 5, 6], "a_bits": [2, 3, 4, 5, 6], "keep_8bit": ["first", "last"],
+                      "per_channel": True, "bn": bn},
+            "input_size": [1, in_channels, 28, 28]}
+
+
+def make_checkpoint(path, steps=15, seed=0, spec=None):
+    """A briefly trained small_cnn supernet on Fashion-MNIST in the trainer's checkpoint format."""
+    from mpq.data import build_datasets
+    torch.manual_seed(seed)
+    spec = spec or _spec()
+    net = build_supernet(spec)
+    info = build_datasets("fashion_mnist", seed=seed, train_subset=64 * steps)
+    loader = torch.utils.data.DataLoader(info.train, batch_size=64, shuffle=True,
+                                         generator=torch.Generator().manual_seed(seed))
+    mpq.calibrate_activations(net, next(iter(loader))[0])
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    net.train()
+    for x, y in loader:
+        opt.zero_grad()
+        for cfg in (mpq.max_config(net), mpq.min_config(net)):
+            mpq.set_bits(net, cfg)
+            F.cross_entropy(net(x), y).backward()
+        opt.step()
+    net.eval()
+    atomic_save({"format": "mpq-supernet", "version": 1, "spec": spec, "model": net.state_dict(),
+                 "config": {"data": {"name": "fashion_mnist", "root": None, "seed": seed}}}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(str(tmp_path_factory.mktemp("run") / "supernet.pt"))
+
+
+@pytest.fixture(scope="module")
+def w3a3_bitops(ckpt):
+    net, _ = load_supernet(ckpt)
+    return CostModel(net, (1, 1, 28, 28)).bitops(mpq.uniform_config(net, 3, 3))
+
+
+@pytest.fixture(scope="module")
+def searched(ckpt, w3a3_bitops, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("search"))
+    rc = main(["--checkpoint", ckpt, "--budget", f"{w3a3_bitops:.6g}", "--out", out, *FAST])
+    assert rc == 0
+    return out
+
+
+def test_help_runs_as_a_script_from_the_repo_root():
+    # from the repo root, where the script search.py sits next to the package search/ (the script
+    # imports search.cli from the package); the exit-status test runs it from another folder
+    out = subprocess.run([sys.executable, "search.py", "--help"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    for opt in ("--checkpoint", "--budget", "--budget-size", "--budget-ratio", "--budgets",
+                "--calib-size", "--bn-batches", "--strategy", "--export", "--no-export", "--device"):
+        assert opt in out.stdout
+
+
+def test_search_outputs_budget_and_exported_accuracy(searched, ckpt, w3a3_bitops):
+    names = {f: os.path.isfile(os.path.join(searched, f))
+             for f in ("config.json", "pareto.csv", "pareto.png", "model_fixed.pt")}
+    assert all(names.values()), names
+    with open(os.path.join(searched, "config.json")) as f:
+        doc = json.load(f)
+    net, _ = load_supernet(ckpt)
+    assert set(doc["layers"]) == set(mpq.quant_layers(net))
+    cfg = {n: (v["w_bits"], v["a_bits"]) for n, v in doc["layers"].items()}
+    cost = CostModel(net, (1, 1, 28, 28))
+    assert doc["bitops"] == cost.bitops(cfg) <= float(f"{w3a3_bitops:.6g}")
+    assert doc["size_bytes"] == cost.size_bytes(cfg)
+    with open(ckpt, "rb") as f:
+        assert doc["checkpoint_sha256"] == hashlib.sha256(f.read()).hexdigest()
+    assert doc["model"] == "small_cnn" and doc["eval_samples"] == 512
+    assert doc["search"]["forwards"]["forwards"] > 0 and doc["search"]["strategy"] == "fast"
+
+    # the reported accuracy is the exported model's on the held-out evaluation samples, exactly
+    from mpq.data import build_datasets
+    info = build_datasets("fashion_mnist", seed=0)
+    calib_idx, eval_idx = heldout_split(len(info.val), 128, 512, 0)
+    assert not set(calib_idx) & set(eval_idx)
+    eval_set = torch.utils.data.Subset(info.val, eval_idx)
+    fixed = load_fixed(os.path.join(searched, "model_fixed.pt"))
+    assert fixed.mpq_fixed_config == cfg
+    r = evaluate(fixed, None, eval_set, recalibrate=False, batch_size=128)
+    assert r["acc"] == doc["accuracy"] and r["n"] == 512
+    assert abs(doc["supernet_accuracy"] - doc["accuracy"]) <= 1.0 / 512 + 1e-12
+    assert os.path.getsize(os.path.join(searched, "model_fixed.pt")) == doc["fixed_model_bytes"]
+    assert doc["fixed_model_bytes"] < doc["float_model_bytes"] / 4
+
+    # uniform configurations are reported next to the searched ones at their BitOPs
+    assert [u["bits"] for u in doc["uniform"]] == [2, 3, 4, 5, 6]
+    for u in doc["uniform"]:
+        assert 0 <= u["accuracy"] <= 1 and u["searched_bitops"] <= u["bitops"]
+
+
+def test_pareto_csv_is_the_search_path(searched, ckpt):
+    with open(os.path.join(searched, "pareto.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["step", "bitops", "size_bytes", "acc", "loss", "score", "move", "config"]
+    net, _ = load_supernet(ckpt)
+    assert json.loads(rows[0]["config"]) == {n: list(v) for n, v in mpq.max_config(net).items()}
+    bitops = [float(r["bitops"]) for r in rows]
+    assert all(a > b for a, b in zip(bitops, bitops[1:]))
+    assert [int(r["step"]) for r in rows] == list(range(len(rows)))
+    assert rows[0]["move"] == "" and all(r["move"] for r in rows[1:])
+    with open(os.path.join(searched, "pareto.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_several_budgets_from_one_path(ckpt, tmp_path):
+    out = str(tmp_path / "s")
+    rc = main(["--checkpoint", ckpt, "--budgets", "0.45,40KB,0.4", "--out", out, "--strategy", "naive",
+               "--no-compare-uniform", *FAST])
+    assert rc == 0
+    with open(os.path.join(out, "config.json")) as f:
+        doc = json.load(f)
+    assert len(doc["results"]) == 3 and doc["uniform"] == []
+    for r in doc["results"]:
+        if r["budget"]["bitops"] is not None:
+            assert r["bitops"] <= r["budget"]["bitops"]
+        if r["budget"]["size_bytes"] is not None:
+            assert r["size_bytes"] <= r["budget"]["size_bytes"]
+    assert [r["fixed_model"] for r in doc["results"]] == ["model_fixed.pt", "model_fixed_2.pt",
+                                                          "model_fixed_3.pt"]
+    assert all(os.path.isfile(os.path.join(out, r["fixed_model"])) for r in doc["results"])
+    assert doc["budget"] == doc["results"][0]["budget"]
+    assert doc["search"]["strategy"] == "naive"
+
+
+def _other_checkpoints(tmp_path, ckpt):
+    plain = str(tmp_path / "plain.pt")
+    torch.save({"weight": torch.zeros(3)}, plain)
+    net, ck = load_supernet(ckpt)
+    wrong_weights = str(tmp_path / "wrong_weights.pt")
+    atomic_save({**ck, "spec": _spec("resnet20", in_channels=1)}, wrong_weights)
+    other_model = str(tmp_path / "other_model.pt")
+    rn = build_supernet(_spec("resnet20", in_channels=3))
+    atomic_save({**ck, "spec": _spec("resnet20", in_channels=3), "model": rn.state_dict()}, other_model)
+    return plain, wrong_weights, other_model
+
+
+@pytest.mark.parametrize("case, expect", [
+    ("missing", "no such file"),
+    ("plain", "not an mpq supernet checkpoint"),
+    ("wrong_weights", "does not match its model spec"),
+    ("other_model", "3 channels"),
+    ("3 GB", "accepted formats"), ("-1", "accepted formats"), ("abc", "accepted formats"),
+    ("0", "accepted formats"),
+    ("below_min", "minimum achievable"), ("size_below_min", "minimum achievable size"),
+    ("size_kind", "size budget is expected"), ("mixed_lists", "cannot be combined"),
+    ("calib_too_big", "leaves no held-out samples"),
+])
+def test_user_errors_exit_2_with_one_line(case, expect, ckpt, tmp_path, capsys):
+    plain, wrong_weights, other_model = _other_checkpoints(tmp_path, ckpt) if case in (
+        "plain", "wrong_weights", "other_model") else (None, None, None)
+    out = ["--out", str(tmp_path / "o"), "--quiet"]
+    args = {
+        "missing": ["--checkpoint", str(tmp_path / "nope.pt")],
+        "plain": ["--checkpoint", plain],
+        "wrong_weights": ["--checkpoint", wrong_weights],
+        "other_model": ["--checkpoint", other_model],
+        "below_min": ["--checkpoint", ckpt, "--budget", "1K"],
+        "size_below_min": ["--checkpoint", ckpt, "--budget-size", "100B"],
+        "size_kind": ["--checkpoint", ckpt, "--budget-size", "22.8G"],
+        "mixed_lists": ["--checkpoint", ckpt, "--budget", "1G", "--budgets", "1G,2G"],
+        "calib_too_big": ["--checkpoint", ckpt, "--calib-size", "10000"],
+    }.get(case, ["--checkpoint", ckpt, "--budget", case])
+    rc = main(args + out)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and expect in err[0], err
+    assert not os.path.exists(str(tmp_path / "o" / "config.json"))
+    if case == "below_min":
+        net, _ = load_supernet(ckpt)
+        min_bitops = CostModel(net, (1, 1, 28, 28)).bitops(mpq.min_config(net, respect_frozen=False))
+        assert f"{min_bitops:.6g}" in err[0]
+
+
+def test_default_checkpoint_missing_and_script_exit_status(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert "runs/default/supernet.pt" in err and "python train.py" in err
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "search.py"), "--budget", "3 GB"],
+                         cwd=str(tmp_path), capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 2
+    assert out.stderr.strip().startswith("error: budget: '3 GB'") and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
