@@ -1,0 +1,836 @@
+"""Quality benchmark on the embedded data set (Fashion-MNIST, SmallCNN): every figure is measured.
+
+    python benchmarks/quality.py                        # full run (~45 min on 2 CPU cores)
+    python benchmarks/quality.py --quick                # smoke run (a few minutes)
+    python benchmarks/quality.py --repeats 5 --epochs 3 --train-subset 30000 --sections 1,2
+
+Four questions, each answered over ``--repeats`` seeds (mean +- sample standard deviation, and a
+verdict from the paired per-seed differences: "better"/"worse" when the mean difference is more than
+two standard errors away from 0, else "within noise"):
+
+1. **Search vs uniform.** The embedded-default supernet (``mpq.config`` defaults: sandwich sampling,
+   in-place distillation, IDM, bit-width freezing scheduler) is trained once; one greedy walk
+   (``search.greedy.search_supernet``, default fast strategy, scored on a calibration split of the
+   training images that the supernet did not train on) gives the whole path; for each budget
+   ``BitOPs(uniform WbAb)``, b = 2, 3, 4, the best path point within the budget is compared with the
+   uniform config of the same supernet on the held-out test set. (The lowest config of the supernet
+   *is* uniform W2A2, so at b = 2 the search can only return it; the table says so.)
+2. **Retraining-free.** A config taken from the supernet vs the same config trained alone with QAT
+   (:class:`BenchTrainer`: the project's trainer with one config sampled per step, no
+   distillation, IDM or scheduler; same optimizer, LR schedule, epochs, data and seed). Standalone
+   QAT does one forward/backward per step, the supernet one per sampled config.
+3. **Ablation.** Plain sandwich training (with in-place distillation) vs + bit-width freezing
+   scheduler vs + IDM vs both: test accuracy of the lowest (W2A2) and highest (W6A6) config.
+4. **R2 and 2-bit post-training quantization.** A float SmallCNN is trained with each R2 variant
+   (``mpq.losses.R2Loss``: linf, margin, softminmax; at each ``--r2-weights`` lambda) or without; then
+   quantized without retraining: weights at 2 bits (first/last layer 8 bits, as everywhere in mpq),
+   activations at 8 bits, each weight step size the per-channel MSE-optimal one (grid search), each
+   activation step size the MSE-optimal one on calibration batches, BatchNorm re-calibrated.
+
+Every accuracy is measured on the Fashion-MNIST test set (``--val-subset`` of it) with the search
+side's evaluator (``search.evaluator``): shared BatchNorm statistics re-calibrated per config on fixed
+training batches. Independent training runs execute in ``--jobs`` worker processes, one thread each.
+
+Writes ``--out`` (JSON, every number per seed), ``--markdown`` (the tables) and ``--plot`` (accuracy
+vs BitOPs: searched paths, uniform configs of the supernet, standalone QAT points).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+from torch.utils.data import Subset  # noqa: E402
+
+from mpq.data import build_datasets  # noqa: E402
+from mpq.quantizer import FLOAT_BITS, qrange  # noqa: E402
+from mpq.supernet import get_bits, quant_layers, set_bits, uniform_config  # noqa: E402
+
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+SUPERNET_VARIANTS = {          # name: (scheduler.enabled, idm.enabled); distillation on in all four
+    "plain": (False, False),
+    "+scheduler": (True, False),
+    "+IDM": (False, True),
+    "+scheduler+IDM": (True, True),
+}
+FULL = "+scheduler+IDM"        # = the embedded default
+BUDGET_BITS = (2, 3, 4)
+UNIFORM_BITS = (2, 3, 4, 5, 6)
+R2_KINDS = ("linf", "margin", "softminmax")
+PTQ_BITS = (2, 4)              # PTQ weight bit-widths reported (2 is the claim; 4 for context)
+PTQ_A_BITS = 8
+
+
+# ============================================================================ settings
+def default_settings() -> Dict[str, Any]:
+    """The benchmark's settings; training ones default to the embedded default (mpq.config)."""
+    from mpq.config import default_config
+    d = default_config()
+    return {
+        "epochs": d["train"]["epochs"],
+        "train_subset": d["data"]["train_subset"],
+        "val_subset": None,            # test images evaluated (None: all 10000)
+        "repeats": 3,
+        "seed0": 0,
+        "calib_size": 2000,            # search calibration images (training images not trained on)
+        "bn_batches": 8,               # BN re-calibration batches (of 256 training images)
+        "ptq_calib_batches": 2,        # activation step-size calibration batches for PTQ
+        "path_points": 12,             # searched-path points evaluated on the test set (for the plot)
+        "r2_weights": sorted({float(d["r2"]["weight"]), 1e-2}),
+        "sections": [1, 2, 3, 4],
+        "jobs": max(1, min(os.cpu_count() or 1, 8)),
+        "threads": 1,                  # torch threads per worker process
+        "max_steps": None,
+    }
+
+
+QUICK = {"epochs": 1, "train_subset": 2000, "val_subset": 1000, "repeats": 1, "calib_size": 500,
+         "bn_batches": 2, "path_points": 6, "ptq_calib_batches": 1}
+
+
+# ============================================================================ statistics
+def mean_std(values: Sequence[float]) -> Tuple[float, Optional[float]]:
+    vals = [float(v) for v in values]
+    if not vals:
+        return float("nan"), None
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None)
+
+
+def fmt(values: Sequence[float], digits: int = 2) -> str:
+    m, s = mean_std(values)
+    if math.isnan(m):
+        return "n/a"
+    return f"{m:.{digits}f}" if s is None else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def verdict(diffs: Sequence[float]) -> str:
+    """'better' / 'worse' when the mean paired difference is more than 2 standard errors from 0 (with
+    one repeat: its sign, marked), else 'within noise'."""
+    d = [float(v) for v in diffs]
+    if not d:
+        return "n/a"
+    m = statistics.fmean(d)
+    if len(d) == 1:
+        return ("better" if m > 0 else "worse" if m < 0 else "equal") + " (1 repeat)"
+    se = statistics.stdev(d) / math.sqrt(len(d))
+    if abs(m) <= 2 * se or m == 0:
+        return "within noise"
+    return "better" if m > 0 else "worse"
+
+
+# ============================================================================ data / evaluation
+class EvalData:
+    """The fixed data of one seed: the held-out test batches, BN re-calibration batches (training
+    images) and the search calibration set (training images outside the training subset when there
+    are any)."""
+
+    def __init__(self, s: Dict[str, Any], seed: int) -> None:
+        from search.evaluator import take_batches
+        info = build_datasets("fashion_mnist", train_subset=s["train_subset"], val_subset=s["val_subset"],
+                              seed=seed)
+        self.info = info
+        train = info.train
+        full = train.dataset if isinstance(train, Subset) else train
+        g = torch.Generator().manual_seed(seed + 101)
+        if isinstance(train, Subset):
+            used = set(int(i) for i in train.indices)
+            rest = [i for i in torch.randperm(len(full), generator=g).tolist() if i not in used]
+        else:
+            rest = []
+        self.calib_overlaps_train = len(rest) < s["calib_size"]
+        if self.calib_overlaps_train:
+            rest = torch.randperm(len(full), generator=g).tolist()
+        self.calib = take_batches(Subset(full, rest[:s["calib_size"]]), None, 256)
+        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 202)).tolist()
+        self.bn = take_batches(Subset(train, perm[:256 * s["bn_batches"]]), None, 256)
+        self.ptq_calib = self.bn[:s["ptq_calib_batches"]]
+        self.test = take_batches(info.val, None, 500)
+        self.input_size = tuple(info.input_size)
+
+    def evaluator(self, net):
+        from search.evaluator import Evaluator
+        return Evaluator(net, self.calib, bn_data=self.bn, bn_batches=len(self.bn), batch_size=256)
+
+    def test_acc(self, ev, config, recalibrate: Optional[bool] = None) -> float:
+        """Test accuracy (%) of ``config`` (BN re-calibrated on the BN batches when shared)."""
+        from search.evaluator import evaluate
+        r = evaluate(ev.net, config, self.test, bn_loader=self.bn, bn_batches=len(self.bn),
+                     recalibrate=ev.recalibrate if recalibrate is None else recalibrate, batch_size=500)
+        return 100.0 * r["acc"]
+
+
+def cfg_json(config) -> Dict[str, List[int]]:
+    return {k: [int(v[0]), int(v[1])] for k, v in config.items()}
+
+
+def cfg_tuple(config) -> Dict[str, Tuple[int, int]]:
+    return {k: (int(v[0]), int(v[1])) for k, v in config.items()}
+
+
+def cfg_str(config, layers: Optional[Sequence[str]] = None) -> str:
+    """Compact ``w/a`` per layer, e.g. ``8/8 6/4 3/5 ... 8/8``."""
+    names = list(layers) if layers is not None else list(config)
+    return " ".join(f"{config[n][0]}/{config[n][1]}" for n in names)
+
+
+# ============================================================================ training (the trainer's API)
+def make_trainer_class():
+    from mpq.trainer import Trainer
+
+    class BenchTrainer(Trainer):
+        """The project's trainer, with two changes for the benchmark: when ``fixed_config`` is set
+        (before :meth:`fit`) ONE bit config is sampled per step (standalone QAT / float training; same
+        data, optimizer, LR schedule); and the trainer's own end-of-training evaluation is skipped
+        (every accuracy here is measured afterwards, by :class:`EvalData`, the same way for all)."""
+
+        fixed_config: Optional[Dict[str, Tuple[int, int]]] = None
+
+        def sample_configs(self):
+            if self.fixed_config is None:
+                return super().sample_configs()
+            return [("max", dict(self.fixed_config))]
+
+        def evaluate(self):
+            return {}
+
+    return BenchTrainer
+
+
+def trainer_cfg(s: Dict[str, Any], seed: int, workdir: str, name: str, overrides: Sequence[str]):
+    from mpq.config import load_config
+    base = [f"train.epochs={s['epochs']}",
+            f"data.train_subset={'null' if s['train_subset'] is None else s['train_subset']}",
+            f"train.seed={seed}", f"data.seed={seed}", "train.device=cpu",
+            f"output.dir={workdir}", f"output.name={name}", "output.progress=false",
+            "output.checkpoint_every=0", "output.keep_last=1",
+            "eval.uniform_bits=[]", "eval.random_configs=0", "eval.every_epochs=1000"]
+    if s.get("max_steps"):
+        base.append(f"train.max_steps={s['max_steps']}")
+    return load_config(overrides=base + list(overrides))
+
+
+def train(s: Dict[str, Any], seed: int, name: str, overrides: Sequence[str],
+          fixed: Optional[Callable] = None) -> Tuple[Any, Dict[str, Any]]:
+    """Run the trainer in a scratch folder (its log goes to a file); returns (trainer, info)."""
+    BenchTrainer = make_trainer_class()
+    workdir = tempfile.mkdtemp(prefix="mpq-quality-")
+    cfg = trainer_cfg(s, seed, workdir, name, overrides)
+    log_path = os.path.join(workdir, "train.log")
+    t0 = time.time()
+    try:
+        with open(log_path, "w", encoding="utf-8") as log, contextlib.redirect_stdout(log), \
+                contextlib.redirect_stderr(log):
+            tr = BenchTrainer(cfg)
+            if fixed is not None:
+                tr.fixed_config = cfg_tuple(fixed(tr.net))
+                set_bits(tr.net, tr.fixed_config)  # validates the config before training
+            tr.fit()
+    except BaseException:
+        try:
+            with open(log_path, encoding="utf-8") as f:
+                tail = f.read()[-3000:]
+        except OSError:
+            tail = ""
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise RuntimeError(f"training {name} (seed {seed}) failed; log tail:\n{tail}\n"
+                           f"{traceback.format_exc()}") from None
+    train_s = time.time() - t0
+    shutil.rmtree(workdir, ignore_errors=True)
+    losses = (tr.metrics or {}).get("train_loss", {})
+    return tr, {"train_s": round(train_s, 1), "steps": tr.global_step, "final_train_loss": losses}
+
+
+# ============================================================================ tasks (run in workers)
+def task_supernet(s: Dict[str, Any], variant: str, seed: int, do_search: bool) -> Dict[str, Any]:
+    """Train one supernet variant; test accuracy of the uniform configs; with ``do_search`` the
+    greedy path and the searched configs at the uniform budgets."""
+    sched, idm = SUPERNET_VARIANTS[variant]
+    tr, out = train(s, seed, f"supernet-{variant}", [f"scheduler.enabled={str(sched).lower()}",
+                                                     f"idm.enabled={str(idm).lower()}"])
+    net = tr.net
+    data = EvalData(s, seed)
+    ev = data.evaluator(net)
+    t0 = time.time()
+    layers = list(quant_layers(net))
+    out.update({"task": "supernet", "variant": variant, "seed": seed, "layers": layers,
+                "calib_overlaps_train": data.calib_overlaps_train,
+                "frozen_at_end": {n: [b for b in m.w_candidates if b not in m.w_allowed]
+                                  for n, m in quant_layers(net).items()},
+                "uniform": {}})
+    from search.greedy import CostModel
+    cost = CostModel(net, data.input_size)
+    for b in UNIFORM_BITS:
+        c = uniform_config(net, b, b)
+        out["uniform"][str(b)] = {"config": cfg_json(c), "bitops": cost.bitops(c),
+                                  "acc": data.test_acc(ev, c)}
+    if do_search:
+        from search.greedy import search_supernet
+        t1 = time.time()
+        res = search_supernet(net, ev, cost, to_min=True)
+        out["search_s"] = round(time.time() - t1, 1)
+        out["search_calls"] = {"exact": res.exact_calls, "proxy": res.proxy_calls}
+        path = [{"index": st.index, "config": cfg_json(st.config), "bitops": cost.bitops(st.config),
+                 "calib_acc": 100.0 * st.result.get("acc", float("nan")),
+                 "calib_loss": st.result.get("loss", float("nan"))} for st in res.path]
+        out["budgets"] = {}
+        chosen = set()
+        for b in BUDGET_BITS:
+            budget = cost.bitops(uniform_config(net, b, b))
+            step = res.select(lambda c, budget=budget: cost.bitops(c) <= budget * (1 + 1e-9))
+            if step is None:
+                out["budgets"][str(b)] = {"budget": budget, "config": None}
+                continue
+            chosen.add(step.index)
+            uni = cfg_tuple(uniform_config(net, b, b))
+            same = cfg_tuple(step.config) == uni
+            acc = out["uniform"][str(b)]["acc"] if same else data.test_acc(ev, step.config)
+            path[step.index]["acc"] = acc
+            out["budgets"][str(b)] = {"budget": budget, "config": cfg_json(step.config),
+                                      "bitops": cost.bitops(step.config), "acc": acc,
+                                      "path_index": step.index, "same_as_uniform": same}
+        # test accuracy of evenly spaced path points (plus the chosen ones) for the Pareto plot
+        n = len(path)
+        k = max(2, min(s["path_points"], n))
+        picks = sorted({round(i * (n - 1) / (k - 1)) for i in range(k)} | chosen) if n > 1 else [0]
+        for i in picks:
+            if "acc" not in path[i]:
+                path[i]["acc"] = data.test_acc(ev, path[i]["config"])
+        out["path"] = path
+    out["eval_s"] = round(time.time() - t0, 1)
+    return out
+
+
+def task_qat(s: Dict[str, Any], seed: int, label: str, config: Optional[Dict[str, List[int]]],
+             bits: Optional[int]) -> Dict[str, Any]:
+    """Standalone QAT of one config (``config``, or uniform ``bits``) for the same epochs."""
+    def fixed(net):
+        return cfg_tuple(config) if config is not None else uniform_config(net, bits, bits)
+    tr, out = train(s, seed, f"qat-{label}", ["distill.enabled=false", "idm.enabled=false",
+                                               "scheduler.enabled=false"], fixed=fixed)
+    data = EvalData(s, seed)
+    ev = data.evaluator(tr.net)
+    from search.greedy import CostModel
+    c = tr.fixed_config
+    out.update({"task": "qat", "label": label, "seed": seed, "config": cfg_json(c),
+                "bitops": CostModel(tr.net, data.input_size).bitops(c), "acc": data.test_acc(ev, c)})
+    return out
+
+
+# ---------------------------------------------------------------------------- section 4: R2 + PTQ
+def _weight_rows(w: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    return w.detach().reshape(step.numel(), -1)
+
+
+@torch.no_grad()
+def mse_weight_step(w: torch.Tensor, bits: int, channels: int, grid: int = 100) -> torch.Tensor:
+    """Per-row (output channel, or whole tensor when ``channels == 1``) step size minimising the
+    quantization MSE ``||q(w; s, b) - w||^2`` over ``s = alpha * max|w_row| / Q_P``,
+    ``alpha`` in ``(0, 1]`` (``grid`` values)."""
+    qn, qp = qrange(bits, True)
+    rows = w.detach().reshape(channels, -1).double()
+    amax = rows.abs().amax(1, keepdim=True).clamp_min(1e-12)                   # (C, 1)
+    alphas = torch.linspace(1.0 / grid, 1.0, grid, dtype=rows.dtype)           # (A,)
+    steps = amax * alphas / qp                                                 # (C, A)
+    q = (rows[:, None, :] / steps[:, :, None]).clamp(-qn, qp).round() * steps[:, :, None]
+    err = (q - rows[:, None, :]).pow(2).sum(-1)                                # (C, A)
+    best = err.argmin(1)
+    return steps[torch.arange(channels), best].float()
+
+
+@torch.no_grad()
+def mse_act_step(x: torch.Tensor, bits: int, signed: bool, grid: int = 60,
+                 max_elems: int = 1 << 20) -> float:
+    """Per-tensor activation step size minimising the quantization MSE on calibration data."""
+    flat = x.detach().reshape(-1)
+    if flat.numel() > max_elems:
+        g = torch.Generator().manual_seed(0)
+        flat = flat[torch.randint(flat.numel(), (max_elems,), generator=g)]
+    qn, qp = qrange(bits, signed)
+    amax = float(flat.abs().max().clamp_min(1e-12))
+    best, best_err = amax / qp, float("inf")
+    for alpha in torch.linspace(1.0 / grid, 1.0, grid).tolist():
+        s = amax * alpha / qp
+        err = float(((flat / s).clamp(-qn, qp).round() * s - flat).pow(2).sum())
+        if err < best_err:
+            best, best_err = s, err
+    return best
+
+
+@torch.no_grad()
+def ptq(net, config: Dict[str, Tuple[int, int]], calib_batches) -> None:
+    """Post-training quantization of a float-trained supernet to ``config``, no retraining: MSE-
+    optimal per-channel weight steps, MSE-optimal activation steps from the layer inputs of the
+    (float) network on ``calib_batches``. BN is left alone (re-calibrated by the evaluator)."""
+    layers = quant_layers(net)
+    inputs: Dict[str, List[torch.Tensor]] = {n: [] for n in layers}
+    saved = get_bits(net)
+    set_bits(net, {n: (FLOAT_BITS, FLOAT_BITS) for n in layers})
+    handles = [m.register_forward_pre_hook(
+        lambda mod, args, n=n: inputs[n].append(args[0].detach().clone())) for n, m in layers.items()]
+    net.eval()
+    try:
+        for x, _ in calib_batches:
+            net(x)
+    finally:
+        for h in handles:
+            h.remove()
+    set_bits(net, saved)
+    for n, m in layers.items():
+        wb, ab = config[n]
+        if wb != FLOAT_BITS:
+            step = m.w_quant.step[str(wb)]
+            step.copy_(mse_weight_step(m.weight, wb, step.numel()).view_as(step))
+        if ab != FLOAT_BITS:
+            x = torch.cat(inputs[n])
+            signed = bool((x < 0).any())
+            m.a_quant.signed.fill_(signed)
+            m.a_quant.step[str(ab)].fill_(mse_act_step(x, ab, signed))
+            m.a_quant.initialized.fill_(True)
+    set_bits(net, config)
+
+
+def weight_range_stats(net) -> Dict[str, float]:
+    """Mean over layers of max|W| / std(W) (how far the extreme weights stick out) and of max|W|."""
+    ratios, maxes = [], []
+    for m in quant_layers(net).values():
+        w = m.weight.detach()
+        maxes.append(float(w.abs().max()))
+        ratios.append(float(w.abs().max() / w.std().clamp_min(1e-12)))
+    return {"max_over_std": statistics.fmean(ratios), "max_abs": statistics.fmean(maxes)}
+
+
+def task_r2(s: Dict[str, Any], seed: int, kind: str, weight: float) -> Dict[str, Any]:
+    """Float training (every layer at 32/32 bits) with R2 ``kind`` (or ``"none"``), then PTQ."""
+    over = ["quant.w_bits=[2,3,4,8,32]", "quant.a_bits=[8,32]", "quant.keep_8bit=[]",
+            "distill.enabled=false", "idm.enabled=false", "scheduler.enabled=false"]
+    if kind != "none":
+        over += ["r2.enabled=true", f"r2.kind={kind}", f"r2.weight={weight}"]
+    else:
+        over += ["r2.enabled=false"]
+
+    def fixed(net):
+        return {n: (FLOAT_BITS, FLOAT_BITS) for n in quant_layers(net)}
+    tr, out = train(s, seed, f"r2-{kind}", over, fixed=fixed)
+    net = tr.net
+    data = EvalData(s, seed)
+    ev = data.evaluator(net)
+    layers = list(quant_layers(net))
+    out.update({"task": "r2", "kind": kind, "weight": weight if kind != "none" else 0.0, "seed": seed,
+                "float_acc": data.test_acc(ev, {n: (FLOAT_BITS, FLOAT_BITS) for n in layers}),
+                "weights": weight_range_stats(net), "ptq": {}})
+    float_state = {k: v.clone() for k, v in net.state_dict().items()}
+    for wb in PTQ_BITS:
+        cfg = {n: ((8, 8) if n in (layers[0], layers[-1]) else (wb, PTQ_A_BITS)) for n in layers}
+        net.load_state_dict(float_state)
+        ptq(net, cfg, data.ptq_calib)
+        out["ptq"][str(wb)] = {"acc_bn_recal": data.test_acc(ev, cfg, recalibrate=True)}
+        net.load_state_dict(float_state)
+        ptq(net, cfg, data.ptq_calib)
+        out["ptq"][str(wb)]["acc_no_recal"] = data.test_acc(ev, cfg, recalibrate=False)
+    return out
+
+
+# ============================================================================ scheduling
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+
+
+def _call(fn_name: str, args: tuple) -> Dict[str, Any]:
+    return globals()[fn_name](*args)
+
+
+class Runner:
+    """Runs tasks in ``jobs`` spawned worker processes (inline when ``jobs == 1``); tasks may be
+    added while others run (the searched configs' QAT runs depend on the search)."""
+
+    def __init__(self, jobs: int, threads: int, log: Callable[[str], None]) -> None:
+        self.jobs, self.log = jobs, log
+        self.pool = None
+        if jobs > 1:
+            self.pool = ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
+                                            initializer=_worker_init, initargs=(threads,))
+        else:
+            torch.set_num_threads(threads)
+        self.pending: Dict[Any, Tuple[str, Callable]] = {}
+        self.queue: List[Tuple[str, str, tuple, Callable]] = []
+        self.t0 = time.time()
+
+    def submit(self, label: str, fn_name: str, args: tuple, done: Callable[[Dict[str, Any]], None]) -> None:
+        if self.pool is None:
+            self.queue.append((label, fn_name, args, done))
+        else:
+            fut = self.pool.submit(_call, fn_name, args)
+            self.pending[fut] = (label, done)
+
+    def run(self) -> None:
+        if self.pool is None:
+            while self.queue:
+                label, fn_name, args, done = self.queue.pop(0)
+                t = time.time()
+                res = _call(fn_name, args)
+                self.log(f"[{time.time() - self.t0:6.0f}s] done {label} ({time.time() - t:.0f}s)")
+                done(res)
+            return
+        try:
+            while self.pending:
+                finished, _ = wait(list(self.pending), return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    label, done = self.pending.pop(fut)
+                    res = fut.result()
+                    self.log(f"[{time.time() - self.t0:6.0f}s] done {label}")
+                    done(res)
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ============================================================================ main
+def run_benchmark(s: Dict[str, Any], log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Run the selected sections; returns the raw results (``runs``) and the summaries."""
+    t0 = time.time()
+    sections = set(s["sections"])
+    seeds = [s["seed0"] + i for i in range(s["repeats"])]
+    runs: Dict[str, List[Dict[str, Any]]] = {"supernet": [], "qat": [], "r2": []}
+    runner = Runner(s["jobs"], s["threads"], log)
+    need_full = bool(sections & {1, 2, 3})
+    need_search = bool(sections & {1, 2})
+    variants = [v for v in SUPERNET_VARIANTS if v != FULL] if 3 in sections else []
+
+    def on_supernet(res):
+        runs["supernet"].append(res)
+        if res["variant"] == FULL and 2 in sections:
+            for b, info in res.get("budgets", {}).items():
+                if info.get("config") is not None and not info["same_as_uniform"]:
+                    runner.submit(f"QAT searched@W{b}A{b} seed {res['seed']}", "task_qat",
+                                  (s, res["seed"], f"searched@{b}", info["config"], None),
+                                  runs["qat"].append)
+
+    for seed in seeds:   # longest first: the full supernet (+ search) of every seed
+        if need_full:
+            runner.submit(f"supernet {FULL} seed {seed}", "task_supernet", (s, FULL, seed, need_search),
+                          on_supernet)
+    for seed in seeds:
+        for v in variants:
+            runner.submit(f"supernet {v} seed {seed}", "task_supernet", (s, v, seed, False), on_supernet)
+    if 2 in sections:
+        for seed in seeds:
+            for b in BUDGET_BITS:
+                runner.submit(f"QAT W{b}A{b} seed {seed}", "task_qat", (s, seed, f"uniform{b}", None, b),
+                              runs["qat"].append)
+    if 4 in sections:
+        for seed in seeds:
+            runner.submit(f"float seed {seed}", "task_r2", (s, seed, "none", 0.0), runs["r2"].append)
+            for kind in R2_KINDS:
+                for w in s["r2_weights"]:
+                    runner.submit(f"float+R2 {kind} {w:g} seed {seed}", "task_r2", (s, seed, kind, w),
+                                  runs["r2"].append)
+    runner.run()
+    for k in runs:
+        runs[k].sort(key=lambda r: (r.get("seed", 0), str(r.get("variant", r.get("label", r.get("kind", "")))),
+                                    r.get("weight", 0.0)))
+    summary = summarize(s, runs, sections)
+    return {"settings": s, "machine": machine_info(s), "runtime_s": round(time.time() - t0, 1),
+            "summary": summary, "runs": runs}
+
+
+def machine_info(s: Dict[str, Any]) -> Dict[str, Any]:
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+            "jobs": s["jobs"], "threads_per_job": s["threads"]}
+
+
+# ---------------------------------------------------------------------------- summaries
+def summarize(s, runs, sections) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    sup = {(r["variant"], r["seed"]): r for r in runs["supernet"]}
+    full = sorted([r for r in runs["supernet"] if r["variant"] == FULL], key=lambda r: r["seed"])
+    if 1 in sections and full:
+        rows = []
+        for b in BUDGET_BITS:
+            pairs = [(r["uniform"][str(b)]["acc"], r["budgets"][str(b)]["acc"], r) for r in full
+                     if r.get("budgets", {}).get(str(b), {}).get("config") is not None]
+            uni = [p[0] for p in pairs]
+            srch = [p[1] for p in pairs]
+            diffs = [p[1] - p[0] for p in pairs]
+            rows.append({"bits": b, "budget_bitops": full[0]["budgets"][str(b)]["budget"],
+                         "uniform_acc": uni, "searched_acc": srch, "diff": diffs,
+                         "searched_bitops": [p[2]["budgets"][str(b)]["bitops"] for p in pairs],
+                         "same_as_uniform": [p[2]["budgets"][str(b)]["same_as_uniform"] for p in pairs],
+                         "searched_configs": [cfg_str(p[2]["budgets"][str(b)]["config"], p[2]["layers"])
+                                              for p in pairs],
+                         "verdict": verdict(diffs)})
+        out["search_vs_uniform"] = rows
+    if 2 in sections and full:
+        qat = {(r["label"], r["seed"]): r for r in runs["qat"]}
+        rows = []
+        for b in BUDGET_BITS:
+            for kind in ("uniform", "searched"):
+                sn, qa, bo = [], [], []
+                for r in full:
+                    if kind == "uniform":
+                        q = qat.get((f"uniform{b}", r["seed"]))
+                        acc = r["uniform"][str(b)]["acc"]
+                        bitops = r["uniform"][str(b)]["bitops"]
+                    else:
+                        info = r.get("budgets", {}).get(str(b))
+                        if not info or info.get("config") is None or info["same_as_uniform"]:
+                            continue
+                        q = qat.get((f"searched@{b}", r["seed"]))
+                        acc, bitops = info["acc"], info["bitops"]
+                    if q is None:
+                        continue
+                    sn.append(acc)
+                    qa.append(q["acc"])
+                    bo.append(bitops)
+                if sn:
+                    diffs = [a - q for a, q in zip(sn, qa)]
+                    rows.append({"config": f"W{b}A{b}" if kind == "uniform" else f"searched @ W{b}A{b} budget",
+                                 "bitops": bo, "supernet_acc": sn, "qat_acc": qa, "diff": diffs,
+                                 "verdict": verdict(diffs)})
+        out["retraining_free"] = rows
+    if 3 in sections:
+        rows = []
+        seeds = sorted({r["seed"] for r in runs["supernet"]})
+        for v in SUPERNET_VARIANTS:
+            rs = [sup[(v, sd)] for sd in seeds if (v, sd) in sup]
+            if not rs:
+                continue
+            row = {"variant": v, "min_acc": [r["uniform"]["2"]["acc"] for r in rs],
+                   "max_acc": [r["uniform"]["6"]["acc"] for r in rs],
+                   "w4a4_acc": [r["uniform"]["4"]["acc"] for r in rs],
+                   "train_s": [r["train_s"] for r in rs]}
+            base = [sup[("plain", r["seed"])] for r in rs if ("plain", r["seed"]) in sup]
+            if v != "plain" and len(base) == len(rs):
+                row["min_diff_vs_plain"] = [r["uniform"]["2"]["acc"] - p["uniform"]["2"]["acc"] for r, p in zip(rs, base)]
+                row["max_diff_vs_plain"] = [r["uniform"]["6"]["acc"] - p["uniform"]["6"]["acc"] for r, p in zip(rs, base)]
+                row["min_verdict"] = verdict(row["min_diff_vs_plain"])
+                row["max_verdict"] = verdict(row["max_diff_vs_plain"])
+            rows.append(row)
+        out["ablation"] = rows
+    if 4 in sections and runs["r2"]:
+        rows = []
+        none = {r["seed"]: r for r in runs["r2"] if r["kind"] == "none"}
+        keys = [("none", 0.0)] + [(k, w) for k in R2_KINDS for w in s["r2_weights"]]
+        for kind, w in keys:
+            rs = [r for r in runs["r2"] if r["kind"] == kind and (kind == "none" or r["weight"] == w)]
+            if not rs:
+                continue
+            row = {"kind": kind, "weight": w, "float_acc": [r["float_acc"] for r in rs],
+                   "max_over_std": [r["weights"]["max_over_std"] for r in rs]}
+            for wb in PTQ_BITS:
+                row[f"ptq_w{wb}"] = [r["ptq"][str(wb)]["acc_bn_recal"] for r in rs]
+                row[f"ptq_w{wb}_no_recal"] = [r["ptq"][str(wb)]["acc_no_recal"] for r in rs]
+            if kind != "none" and all(r["seed"] in none for r in rs):
+                row["diff_w2"] = [r["ptq"]["2"]["acc_bn_recal"] - none[r["seed"]]["ptq"]["2"]["acc_bn_recal"]
+                                  for r in rs]
+                row["verdict"] = verdict(row["diff_w2"])
+            rows.append(row)
+        out["r2_ptq"] = rows
+    return out
+
+
+CLAIM = {"better": "yes", "within noise": "not shown (within noise)", "worse": "no"}
+CLAIM_TIE_OK = {"better": "yes (better)", "within noise": "yes (within noise)", "worse": "no"}
+
+
+def _claim(v: str, table: Dict[str, str]) -> str:
+    base, _, extra = v.partition(" (1 repeat)")
+    word = table.get(base, base)
+    return word + (" — 1 repeat" if v.endswith("(1 repeat)") else "")
+
+
+def markdown(result: Dict[str, Any]) -> str:
+    s, sm = result["settings"], result["summary"]
+    n = s["repeats"]
+    lines = [f"Fashion-MNIST, SmallCNN, {s['epochs']} epoch(s) on {s['train_subset'] or 'all'} training "
+             f"images, test set {s['val_subset'] or 'all 10000'}, {n} seed(s): mean ± std (%). "
+             f"Verdicts from paired per-seed differences (2 standard errors). "
+             f"Runtime {result['runtime_s'] / 60:.1f} min ({s['jobs']} jobs x {s['threads']} thread).", ""]
+    if "search_vs_uniform" in sm:
+        lines += ["### 1. Searched mixed precision vs uniform, same supernet, equal BitOPs", "",
+                  "| budget | MBitOPs | uniform acc | searched acc | searched − uniform | searched better? | searched configs (w/a per layer) |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in sm["search_vs_uniform"]:
+            same = all(r["same_as_uniform"])
+            cl = "n/a: W2A2 is the lowest config, the search can only return it" if same else _claim(r["verdict"], CLAIM)
+            cfgs = "; ".join(sorted(set(r["searched_configs"])))
+            lines.append(f"| W{r['bits']}A{r['bits']} | {r['budget_bitops'] / 1e6:.2f} | {fmt(r['uniform_acc'])} | "
+                         f"{fmt(r['searched_acc'])} | {fmt(r['diff'])} | {cl} | {cfgs} |")
+        lines.append("")
+    if "retraining_free" in sm:
+        lines += ["### 2. Retraining-free: config from the supernet vs the same config trained alone (QAT, same epochs)", "",
+                  "| config | MBitOPs | supernet (no retraining) | standalone QAT | supernet − QAT | claim holds? |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for r in sm["retraining_free"]:
+            lines.append(f"| {r['config']} | {fmt([b / 1e6 for b in r['bitops']])} | {fmt(r['supernet_acc'])} | "
+                         f"{fmt(r['qat_acc'])} | {fmt(r['diff'])} | {_claim(r['verdict'], CLAIM_TIE_OK)} |")
+        lines.append("")
+    if "ablation" in sm:
+        lines += ["### 3. Ablation (all with sandwich sampling + in-place distillation)", "",
+                  "| variant | lowest (W2A2) | highest (W6A6) | W4A4 | lowest vs plain | highest vs plain | train s |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in sm["ablation"]:
+            dmin = f"{fmt(r['min_diff_vs_plain'])} ({r['min_verdict']})" if "min_diff_vs_plain" in r else "—"
+            dmax = f"{fmt(r['max_diff_vs_plain'])} ({r['max_verdict']})" if "max_diff_vs_plain" in r else "—"
+            lines.append(f"| {r['variant']} | {fmt(r['min_acc'])} | {fmt(r['max_acc'])} | {fmt(r['w4a4_acc'])} | "
+                         f"{dmin} | {dmax} | {fmt(r['train_s'], 0)} |")
+        lines.append("")
+    if "r2_ptq" in sm:
+        lines += ["### 4. R2 range restriction and 2-bit post-training quantization (float training, then PTQ, no retraining)", "",
+                  "PTQ: weights W2 (first/last layer W8), activations A8; MSE-optimal per-channel weight steps, "
+                  "MSE-optimal activation steps; BN re-calibrated (and without, for reference).", "",
+                  "| R2 | lambda | float | PTQ W2A8 | PTQ W2A8 no BN recal | PTQ W4A8 | max\\|W\\|/std | W2A8 vs no R2 | R2 helps 2-bit PTQ? |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in sm["r2_ptq"]:
+            d = fmt(r["diff_w2"]) if "diff_w2" in r else "—"
+            cl = _claim(r["verdict"], CLAIM) if "verdict" in r else "—"
+            lam = "—" if r["kind"] == "none" else f"{r['weight']:g}"
+            lines.append(f"| {r['kind']} | {lam} | {fmt(r['float_acc'])} | {fmt(r['ptq_w2'])} | "
+                         f"{fmt(r['ptq_w2_no_recal'])} | {fmt(r['ptq_w4'])} | {fmt(r['max_over_std'])} | {d} | {cl} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(result: Dict[str, Any], path: str) -> Optional[str]:
+    """Accuracy vs BitOPs: searched paths (one line per seed), uniform configs and standalone QAT."""
+    full = [r for r in result["runs"]["supernet"] if r["variant"] == FULL]
+    if not full:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, r in enumerate(full):
+        pts = [(p["bitops"] / 1e6, p["acc"]) for p in r.get("path", []) if "acc" in p]
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, "-o", color="tab:blue", alpha=0.6, ms=3,
+                    label="searched path (supernet)" if i == 0 else None)
+    xs = [full[0]["uniform"][str(b)]["bitops"] / 1e6 for b in UNIFORM_BITS]
+    ms = [mean_std([r["uniform"][str(b)]["acc"] for r in full]) for b in UNIFORM_BITS]
+    ax.errorbar(xs, [m for m, _ in ms], yerr=[sd or 0 for _, sd in ms], fmt="s", color="tab:orange",
+                capsize=3, label="uniform WbAb (supernet)")
+    for x, b, (m, _) in zip(xs, UNIFORM_BITS, ms):
+        ax.annotate(f"W{b}A{b}", (x, m), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    qat = result["runs"]["qat"]
+    if qat:
+        by: Dict[str, List[Dict[str, Any]]] = {}
+        for q in qat:
+            by.setdefault(q["label"], []).append(q)
+        first = True
+        for label, qs in sorted(by.items()):
+            mx, _ = mean_std([q["bitops"] / 1e6 for q in qs])
+            my, sy = mean_std([q["acc"] for q in qs])
+            ax.errorbar([mx], [my], yerr=[sy or 0], fmt="^", color="tab:green", capsize=3,
+                        label="standalone QAT" if first else None)
+            first = False
+    ax.set_xlabel("MBitOPs per image")
+    ax.set_ylabel("test accuracy (%)")
+    s = result["settings"]
+    ax.set_title(f"Fashion-MNIST SmallCNN: accuracy vs BitOPs ({s['repeats']} seed(s), {s['epochs']} epoch(s))",
+                 fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def parse_args(argv=None) -> Tuple[Dict[str, Any], argparse.Namespace]:
+    d = default_settings()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 1 epoch on 2000 images, 1 seed, 1000 test images (a few minutes)")
+    p.add_argument("--repeats", type=int, help=f"seeds (default {d['repeats']}; --quick: 1)")
+    p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    p.add_argument("--epochs", type=int, help=f"training epochs of every run (default: the embedded "
+                                                 f"default's train.epochs = {d['epochs']})")
+    p.add_argument("--train-subset", help=f"training images (default: the embedded default's "
+                                           f"data.train_subset = {d['train_subset']}; 'all' for all)")
+    p.add_argument("--val-subset", type=int, help="test images evaluated (default: all 10000)")
+    p.add_argument("--max-steps", type=int, help="cap the steps of every training run")
+    p.add_argument("--sections", default="1,2,3,4", help="sections to run, e.g. 1,2 (default all)")
+    p.add_argument("--r2-weights", help="comma-separated R2 lambdas (default: the embedded default's "
+                                        f"r2.weight and 1e-2: {','.join(f'{w:g}' for w in d['r2_weights'])})")
+    p.add_argument("--jobs", type=int, help=f"worker processes (default {d['jobs']}: the CPU count)")
+    p.add_argument("--threads", type=int, help="torch threads per worker (default 1)")
+    p.add_argument("--out", default=os.path.join(RESULTS, "quality.json"), help="JSON output")
+    p.add_argument("--markdown", default=os.path.join(RESULTS, "quality.md"), help="markdown output")
+    p.add_argument("--plot", default=os.path.join(RESULTS, "pareto.png"), help="Pareto plot PNG")
+    a = p.parse_args(argv)
+    s = dict(d)
+    if a.quick:
+        s.update(QUICK)
+        s["r2_weights"] = sorted({float(d["r2_weights"][-1])})
+    for key, val in (("repeats", a.repeats), ("epochs", a.epochs), ("val_subset", a.val_subset),
+                     ("jobs", a.jobs), ("threads", a.threads), ("max_steps", a.max_steps)):
+        if val is not None:
+            if val < 1:
+                p.error(f"--{key.replace('_', '-')}: must be >= 1, got {val}")
+            s[key] = val
+    if a.train_subset is not None:
+        if a.train_subset == "all":
+            s["train_subset"] = None
+        else:
+            try:
+                s["train_subset"] = int(a.train_subset)
+            except ValueError:
+                p.error(f"--train-subset: expected an integer or 'all', got {a.train_subset!r}")
+            if s["train_subset"] < 1:
+                p.error(f"--train-subset: must be >= 1, got {s['train_subset']}")
+    if a.r2_weights is not None:
+        try:
+            s["r2_weights"] = sorted({float(w) for w in a.r2_weights.split(",") if w.strip()})
+        except ValueError:
+            p.error(f"--r2-weights: expected comma-separated numbers, got {a.r2_weights!r}")
+    try:
+        s["sections"] = sorted({int(x) for x in a.sections.split(",") if x.strip()})
+    except ValueError:
+        p.error(f"--sections: expected comma-separated numbers 1-4, got {a.sections!r}")
+    if not s["sections"] or any(x not in (1, 2, 3, 4) for x in s["sections"]):
+        p.error(f"--sections: expected numbers among 1,2,3,4, got {a.sections!r}")
+    s["seed0"] = a.seed
+    s["quick"] = bool(a.quick)
+    return s, a
+
+
+def main(argv=None) -> int:
+    s, a = parse_args(argv)
+    print(f"quality benchmark: sections {s['sections']}, {s['repeats']} seed(s), {s['epochs']} epoch(s), "
+          f"train subset {s['train_subset']}, {s['jobs']} job(s) x {s['threads']} thread(s)", flush=True)
+    result = run_benchmark(s, log=lambda m: print(m, flush=True))
+    md = markdown(result)
+    print()
+    print(md)
+    for path in (a.out, a.markdown):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(a.out, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+    with open(a.markdown, "w", encoding="utf-8") as f:
+        f.write(md + "\n")
+    png = plot(result, a.plot)
+    print(f"wrote {a.out}, {a.markdown}" + (f", {png}" if png else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
