@@ -6,6 +6,7 @@ stderr and exit with status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -75,8 +76,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                   else f"interrupted (signal {e.signum})", file=sys.stderr)
             return 128 + e.signum
     except UserError as e:
-        msg = " ".join(str(e).split())
-        print(f"error: {msg}", file=sys.stderr)
+        if os.environ.get("RANK", "0") in ("", "0"):  # under torchrun every rank fails alike; one line
+            msg = " ".join(str(e).split())
+            print(f"error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -29,7 +29,7 @@ model:
 data:
   name: fashion_mnist        # fashion_mnist | cifar10 | cifar100 | imagenet
   root: null                 # null: /usr/share/datasets/fashion-mnist (fashion_mnist only)
-  train_subset: 30000        # seeded random subset of the training set (null: all of it)
+  train_subset: null         # seeded random subset of the training set (null: all 60000)
   val_subset: null           # held-out subset for the per-epoch evaluation (null: all of it)
   seed: 0                    # data order and subsets
   batch_size: 128            # GLOBAL batch size (split across DDP ranks and micro-batches)
@@ -43,7 +43,7 @@ quant:
   per_channel: true          # per-output-channel weight step sizes
   bn: shared                 # shared (re-calibrated per config before evaluation) | switchable
 train:
-  epochs: 3
+  epochs: 2
   optimizer: sgd             # sgd | adamw
   lr: 0.05                   # peak learning rate (after the linear warm-up)
   min_lr: 0.0                # cosine floor

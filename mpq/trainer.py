@@ -110,12 +110,14 @@ def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * p))
 
 
-def _rng_state(gens: Dict[str, torch.Generator]) -> Dict[str, Any]:
+def _rng_state(gens: Dict[str, torch.Generator], device: torch.device) -> Dict[str, Any]:
+    """All RNG states. Every rank is seeded alike and consumes its RNGs in lockstep, so rank 0's
+    states are every rank's states. Only this process's CUDA device is touched."""
     np_state = np.random.get_state()
     py_state = random.getstate()
     out = {
         "torch": torch.get_rng_state(),
-        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         "numpy": {"name": str(np_state[0]), "keys": torch.from_numpy(np_state[1].astype(np.int64)),
                   "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
                   "cached_gaussian": float(np_state[4])},
@@ -127,10 +129,10 @@ def _rng_state(gens: Dict[str, torch.Generator]) -> Dict[str, Any]:
     return out
 
 
-def _set_rng_state(state: Dict[str, Any], gens: Dict[str, torch.Generator]) -> None:
+def _set_rng_state(state: Dict[str, Any], gens: Dict[str, torch.Generator], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if torch.is_tensor(state.get("cuda")) and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
     n = state["numpy"]
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
@@ -353,7 +355,7 @@ class Trainer:
                 "lr_schedule": {"kind": "warmup_cosine", "step": self.global_step,
                                 "warmup_steps": self.warmup_steps, "total_steps": self.total_steps},
                 "scaler": self.scaler.state_dict(),
-                "rng": _rng_state({"config_gen": self.config_gen}),
+                "rng": _rng_state({"config_gen": self.config_gen}, self.device),
                 "loader_gen_epoch_start": self.epoch_loader_state,
                 "sampler": {"epoch": self.epoch, "start": self.step_in_epoch * self.rank_batch,
                             "seed": self.cfg["data"]["seed"]},
@@ -385,7 +387,7 @@ class Trainer:
                 self.r2.load_state_dict(ts["r2"])
             if self.aqt is not None and ts.get("aqt") is not None:
                 self.aqt.load_state_dict(ts["aqt"])
-            _set_rng_state(ts["rng"], {"config_gen": self.config_gen})
+            _set_rng_state(ts["rng"], {"config_gen": self.config_gen}, self.device)
             self.epoch_loader_state = ts["loader_gen_epoch_start"]
             self.epoch, self.step_in_epoch = int(ts["epoch"]), int(ts["step_in_epoch"])
             self.global_step = int(ts["global_step"])
@@ -708,7 +710,9 @@ class Trainer:
         last = self.global_step >= self.total_steps
         if self.step_in_epoch < self.steps_per_epoch and not last:
             return  # the loader ran dry early (should not happen with drop_last)
-        train_loss = {k: v / max(ep_n, 1) for k, v in ep_sums.items()}
+        kinds = sorted(ep_sums)
+        sums = all_reduce_sum([ep_sums[k] for k in kinds] + [float(ep_n)], env)  # mean over ranks
+        train_loss = {k: v / max(sums[-1], 1) for k, v in zip(kinds, sums[:-1])}
         due = ((epoch + 1) % cfg["eval"]["every_epochs"] == 0) or last
         if due:
             results = self.evaluate()
