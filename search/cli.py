@@ -54,10 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "stopping at the budget")
     d = p.add_argument_group("data")
     d.add_argument("--calib-size", type=int, default=DEFAULT_CALIB_SIZE,
-                   help="held-out samples the search scores configurations on")
+                   help="samples the search scores configurations on (never trained on)")
+    d.add_argument("--calib-split", choices=("auto", "train", "val"), default="auto",
+                   help="where calibration samples come from: training images left out of training "
+                        "(data.train_subset), or a part of the held-out split; auto: train when "
+                        "enough are left out")
     d.add_argument("--eval-size", type=int, default=0,
-                   help="held-out samples (disjoint from the calibration ones) for the final "
-                        "accuracy; 0 = all the rest of the held-out split")
+                   help="held-out (val) samples for the final accuracy, disjoint from calibration; "
+                        "0 = all of them")
     d.add_argument("--bn-batches", type=int, default=DEFAULT_BN_BATCHES,
                    help="training-split batches for BN re-calibration of each configuration (shared-BN supernets)")
     d.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="evaluation batch size")
@@ -74,7 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--proxy-batches", type=int, default=1, help="fast strategy: batches of the proxy evaluation")
     s.add_argument("--score", choices=("ratio", "reference"), default="ratio",
                    help="ratio: metric increase per BitOPs saved; reference: 1.5*err/max_err - (1 - bitops/max_bitops)")
-    s.add_argument("--metric", choices=("loss", "err"), default="loss", help="what a move may cost")
+    s.add_argument("--metric", choices=("loss", "err"), default="loss",
+                   help="what a greedy move may cost: calibration loss or error increase")
+    s.add_argument("--select", choices=("acc", "loss"), default="acc",
+                   help="how the configuration for a budget is picked among the path points and the "
+                        "uniform configurations that fit: best calibration accuracy (ties: lower loss) "
+                        "or lowest calibration loss")
     o = p.add_argument_group("output")
     o.add_argument("--export", action=argparse.BooleanOptionalAction, default=True,
                    help="write model_fixed.pt (the accuracy of the fixed model is measured either way)")
@@ -100,7 +109,7 @@ def sha256_file(path: str, chunk: int = 1 << 20) -> str:
 
 
 def heldout_split(n: int, calib_size: int, eval_size: int, seed: int):
-    """``(calib_indices, eval_indices)``: disjoint, sorted index lists of the held-out split, drawn
+    """``(calib_indices, eval_indices)``: disjoint, sorted index lists of an ``n``-sample split, drawn
     from a permutation seeded by ``seed``; ``eval_size`` 0 takes all the samples not in calibration."""
     import torch
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1000)).tolist()
@@ -109,10 +118,73 @@ def heldout_split(n: int, calib_size: int, eval_size: int, seed: int):
 
 
 def bn_indices(n_train: int, count: int, seed: int) -> list:
-    """Sorted indices of the training-split samples used for BN re-calibration."""
+    """Sorted indices of the training samples used for BN re-calibration."""
     import torch
     idx = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed + 2000))[:min(n_train, count)]
     return sorted(idx.tolist())
+
+
+@dataclass
+class DataSplit:
+    """Where each part of the search's data comes from (see :func:`split_data`)."""
+
+    calib: Any
+    eval: Any
+    bn: Any
+    calib_split: str
+    calib_indices: List[int]
+    eval_indices: List[int]
+
+
+def split_data(info, calib_size: int, eval_size: int, bn_samples: int, seed: int,
+               calib_split: str = "auto") -> DataSplit:
+    """Calibration (search scoring), evaluation (final accuracy) and BN re-calibration data.
+
+    * ``calib_split="train"``: calibration samples are training images the supernet was *not*
+      trained on (``data.train_subset`` left them out); the final evaluation uses the held-out
+      (validation/test) split: all of it, or ``eval_size`` samples of it.
+    * ``"val"``: calibration and evaluation are disjoint parts of the held-out split.
+    * ``"auto"``: ``"train"`` when enough unused training images exist and the training split has
+      no random transforms (augmentation), else ``"val"``.
+
+    BN re-calibration batches are ``bn_samples`` images of the training data the supernet saw.
+    Every choice is a seeded permutation: the same ``seed`` gives the same samples.
+    """
+    import torch
+    from torch.utils.data import Subset
+    train = info.train
+    if isinstance(train, Subset):
+        full, used = train.dataset, set(int(i) for i in train.indices)
+        unused = [i for i in range(len(full)) if i not in used]
+    else:
+        full, unused = train, []
+    if calib_split not in ("auto", "train", "val"):
+        raise UserError(f"--calib-split: {calib_split!r} is not allowed; allowed: auto, train, val")
+    if calib_split == "auto":
+        # training images only when they come without random training transforms (augmentation)
+        plain = getattr(full, "transform", None) is None
+        calib_split = "train" if plain and len(unused) >= calib_size else "val"
+    n_val = len(info.val)
+    if calib_split == "train":
+        if len(unused) < calib_size:
+            raise UserError(f"--calib-split train: only {len(unused)} training images were left out of "
+                            f"training (data.train_subset), fewer than --calib-size {calib_size}")
+        perm = torch.randperm(len(unused), generator=torch.Generator().manual_seed(seed + 1000)).tolist()
+        calib_idx = sorted(unused[i] for i in perm[:calib_size])
+        calib = Subset(full, calib_idx)
+        if eval_size and eval_size < n_val:
+            eval_idx = sorted(torch.randperm(n_val, generator=torch.Generator().manual_seed(seed + 3000))
+                              [:eval_size].tolist())
+        else:
+            eval_idx = list(range(n_val))
+    else:
+        if calib_size >= n_val:
+            raise UserError(f"--calib-size {calib_size} leaves no held-out samples for the final "
+                            f"evaluation: the held-out split has {n_val}")
+        calib_idx, eval_idx = heldout_split(n_val, calib_size, eval_size, seed)
+        calib = Subset(info.val, calib_idx)
+    bn = Subset(train, bn_indices(len(train), bn_samples, seed))
+    return DataSplit(calib, Subset(info.val, eval_idx), bn, calib_split, calib_idx, eval_idx)
 
 
 @dataclass
@@ -293,27 +365,29 @@ def run(args) -> int:
         # come from the training split
         data = _resolve_data(ckpt, args)
         seed = int(data["seed"])
-        info = build_datasets(data["name"], data.get("root"), seed=seed, image_size=input_size[-1])
+        try:
+            info = build_datasets(data["name"], data.get("root"), train_subset=data.get("train_subset"),
+                                  seed=seed, image_size=input_size[-1])
+        except TypeError as e:
+            raise UserError(f"checkpoint: malformed data config {data!r} ({e})") from None
         m_spec = spec.get("model", {})
         if (m_spec.get("in_channels") not in (None, info.in_channels)
                 or m_spec.get("num_classes") not in (None, info.num_classes)):
             raise UserError(f"checkpoint: model {model_name!r} takes {m_spec.get('in_channels')} channels "
                             f"and {m_spec.get('num_classes')} classes, data set {data['name']!r} has "
                             f"{info.in_channels} and {info.num_classes}")
-        n_val = len(info.val)
-        if args.calib_size >= n_val:
-            raise UserError(f"--calib-size {args.calib_size} leaves no held-out samples for the final "
-                            f"evaluation: the held-out split of {data['name']!r} has {n_val}")
-        calib_idx, eval_idx = heldout_split(n_val, args.calib_size, args.eval_size, seed)
-        calib_set, eval_set = Subset(info.val, calib_idx), Subset(info.val, eval_idx)
-        bn_set = Subset(info.train, bn_indices(len(info.train), args.bn_batches * args.batch_size, seed))
+        split = split_data(info, args.calib_size, args.eval_size, args.bn_batches * args.batch_size,
+                           seed, args.calib_split)
+        calib_set, eval_set, bn_set = split.calib, split.eval, split.bn
+        calib_idx, eval_idx = split.calib_indices, split.eval_indices
         torch.manual_seed(seed)  # random training transforms of the BN batches
         counter = ForwardCounter()
         evaluator = Evaluator(net, calib_set, bn_set, batch_size=args.batch_size,
                               bn_batches=args.bn_batches, proxy_batches=args.proxy_batches,
                               device=device, counter=counter, workers=args.workers)
         _log(f"mpq search: {model_name} from {args.checkpoint} (sha256 {digest[:12]}), "
-             f"{len(calib_idx)} calibration / {len(eval_idx)} evaluation samples of {data['name']}, "
+             f"{len(calib_idx)} calibration ({split.calib_split} split) / {len(eval_idx)} evaluation "
+             f"(val split) samples of {data['name']}, "
              f"BN {'re-calibrated on ' + str(args.bn_batches) + ' batches' if evaluator.recalibrate else 'switchable'}, "
              f"device {device}, {world} rank(s)", main)
         _log(f"cost: max {format_bitops(cost.bitops(cmax))} BitOPs / {format_bytes(cost.size_bytes(cmax))}, "
@@ -362,7 +436,8 @@ def run(args) -> int:
              f"({search_counts['evaluations']} exact + {search_counts['proxy_evaluations']} proxy "
              f"evaluations), {search_seconds:.1f}s", main)
 
-        # pick per target: the best calibration metric among path points and uniform configs that fit
+        # pick per target: the best calibration accuracy (or loss) among the path points and the
+        # uniform configurations that fit
         def pick(fit) -> Dict[str, Any]:
             cands = [{"config": s.config, "metric": s.metric, "acc": s.result["acc"],
                       "loss": s.result["loss"], "source": f"path step {s.index}", "order": (0, s.index)}
@@ -372,7 +447,9 @@ def run(args) -> int:
                       for u in uniform if fit(u["config"])]
             if not cands:
                 return {}
-            return min(cands, key=lambda c: (c["metric"], c["order"]))
+            if args.select == "acc":
+                return min(cands, key=lambda c: (-c["acc"], c["loss"], c["order"]))
+            return min(cands, key=lambda c: (c["loss"], -c["acc"], c["order"]))
 
         out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "search")
         if main:
@@ -455,13 +532,15 @@ def run(args) -> int:
             "fixed_model": first["fixed_model"], "fixed_model_bytes": first["fixed_model_bytes"],
             "float_model_bytes": float_bytes,
             "data": {"name": data["name"], "root": data.get("root"), "seed": seed,
-                     "held_out_split": "val", "calib_samples": len(calib_idx),
+                     "calib_split": split.calib_split, "eval_split": "val",
+                     "calib_samples": len(calib_idx),
                      "eval_samples": len(eval_idx), "bn_batches": args.bn_batches,
                      "batch_size": args.batch_size, "bn_split": "train"},
             "cost": {"max_bitops": cost.bitops(cmax), "min_bitops": min_bitops,
                      "uniform8_bitops": cost.uniform8_bitops(), "max_size_bytes": cost.size_bytes(cmax),
                      "min_size_bytes": min_size, "input_size": input_size},
             "search": {"strategy": args.strategy, "score": args.score, "metric": args.metric,
+                       "select": args.select,
                        "top_k": args.top_k, "refresh": args.refresh, "proxy_batches": args.proxy_batches,
                        "steps": len(result.path) - 1, "full_path": bool(args.full_path),
                        "seconds": search_seconds, "forwards": search_counts,

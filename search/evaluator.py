@@ -291,11 +291,11 @@ def evaluate(net: nn.Module, config: Optional[Mapping[str, Sequence[int]]], load
         do_recal = uses_shared_bn(net) if recalibrate is None else bool(recalibrate)
         bn_mode = "recalibrate" if do_recal else "stored"
     rank, world = dist_info()
-    if isinstance(loader, Dataset):
-        loader = shard(loader)
-    if bn_mode == "recalibrate":
+    if bn_mode == "recalibrate":   # the same BN batches on every rank (never the shard)
         recalibrate_bn(net, loader if bn_loader is None else bn_loader, bn_batches, device, counter,
                        batch_size)
+    if isinstance(loader, Dataset):
+        loader = shard(loader)
     net.eval()
     ctx = batch_stat_bn(net) if bn_mode == "batch" else contextlib.nullcontext()
     with ctx:
@@ -348,6 +348,8 @@ class Evaluator:
             self.calib = take_batches(shard(calib), None, batch_size, workers, self.device)
         else:
             head = self.calib = take_batches(calib, None, batch_size, workers, self.device)
+            if world > 1:   # batches given: every rank evaluates every world-th batch
+                self.calib = self.calib[rank::world]
         if not head:
             raise ValueError("Evaluator: the calibration data is empty")
         self.proxy_data = head[:max(1, proxy_batches)]

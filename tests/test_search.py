@@ -278,3 +278,35 @@ def test_search_supernet_meets_the_budget_and_fast_costs_fewer_forwards():
     res = search_supernet(net, ev, cost, max_size=size_budget, strategy="naive")
     assert res.final.size_bytes <= size_budget
     assert all(a == max(mpq.quant_layers(net)[n].a_candidates) for n, (w, a) in res.final.config.items())
+
+
+def _dist_worker(rank, world, init_file, out_file):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                         world_size=world)
+    try:
+        net = _tiny_supernet()
+        cfg = mpq.uniform_config(net, 4, 2)
+        ds = _data(90)
+        r = evaluate(net, cfg, ds, bn_loader=_data(64, seed=5), bn_batches=2, batch_size=16)
+        ev = Evaluator(net, ds, _data(64, seed=5), batch_size=16, bn_batches=2)
+        e = ev.exact(cfg)
+        if rank == 0:
+            torch.save({"evaluate": r, "exact": e, "calib_batches": len(ev.calib)}, out_file)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_distributed_evaluation_shards_and_all_reduces(tmp_path):
+    import torch.multiprocessing as tmp_mp
+    out = str(tmp_path / "r.pt")
+    tmp_mp.spawn(_dist_worker, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)
+    got = torch.load(out, weights_only=True)
+    net = _tiny_supernet()
+    cfg = mpq.uniform_config(net, 4, 2)
+    ref = evaluate(net, cfg, _data(90), bn_loader=_data(64, seed=5), bn_batches=2, batch_size=16)
+    for k in ("evaluate", "exact"):
+        assert got[k]["n"] == ref["n"] == 90
+        assert got[k]["acc"] == ref["acc"]
+        assert got[k]["loss"] == pytest.approx(ref["loss"], rel=1e-6)
+    assert got["calib_batches"] == 3   # 45 of the 90 samples on rank 0, batches of 16

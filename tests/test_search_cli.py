@@ -18,7 +18,7 @@ from search.export import load_fixed
 from search.greedy import CostModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = ["--calib-size", "128", "--eval-size", "512", "--bn-batches", "1", "--batch-size", "128", "--quiet"]
+FAST = ["--calib-size", "128", "--eval-size", "256", "--bn-batches", "1", "--batch-size", "128", "--quiet"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -104,20 +104,20 @@ def test_search_outputs_budget_and_exported_accuracy(searched, ckpt, w3a3_bitops
     assert doc["size_bytes"] == cost.size_bytes(cfg)
     with open(ckpt, "rb") as f:
         assert doc["checkpoint_sha256"] == hashlib.sha256(f.read()).hexdigest()
-    assert doc["model"] == "small_cnn" and doc["eval_samples"] == 512
+    assert doc["model"] == "small_cnn" and doc["eval_samples"] == 256
     assert doc["search"]["forwards"]["forwards"] > 0 and doc["search"]["strategy"] == "fast"
 
     # the reported accuracy is the exported model's on the held-out evaluation samples, exactly
     from mpq.data import build_datasets
     info = build_datasets("fashion_mnist", seed=0)
-    calib_idx, eval_idx = heldout_split(len(info.val), 128, 512, 0)
+    calib_idx, eval_idx = heldout_split(len(info.val), 128, 256, 0)
     assert not set(calib_idx) & set(eval_idx)
     eval_set = torch.utils.data.Subset(info.val, eval_idx)
     fixed = load_fixed(os.path.join(searched, "model_fixed.pt"))
     assert fixed.mpq_fixed_config == cfg
     r = evaluate(fixed, None, eval_set, recalibrate=False, batch_size=128)
-    assert r["acc"] == doc["accuracy"] and r["n"] == 512
-    assert abs(doc["supernet_accuracy"] - doc["accuracy"]) <= 1.0 / 512 + 1e-12
+    assert r["acc"] == doc["accuracy"] and r["n"] == 256
+    assert abs(doc["supernet_accuracy"] - doc["accuracy"]) <= 1.0 / 256 + 1e-12
     assert os.path.getsize(os.path.join(searched, "model_fixed.pt")) == doc["fixed_model_bytes"]
     assert doc["fixed_model_bytes"] < doc["float_model_bytes"] / 4
 
@@ -143,7 +143,7 @@ def test_pareto_csv_is_the_search_path(searched, ckpt):
 
 def test_several_budgets_from_one_path(ckpt, tmp_path):
     out = str(tmp_path / "s")
-    rc = main(["--checkpoint", ckpt, "--budgets", "0.45,40KB,0.4", "--out", out, "--strategy", "naive",
+    rc = main(["--checkpoint", ckpt, "--budgets", "0.5,50KB,0.45", "--out", out, "--strategy", "naive",
                "--no-compare-uniform", *FAST])
     assert rc == 0
     with open(os.path.join(out, "config.json")) as f:
@@ -221,3 +221,25 @@ def test_default_checkpoint_missing_and_script_exit_status(tmp_path, capsys, mon
     assert out.returncode == 2
     assert out.stderr.strip().startswith("error: budget: '3 GB'") and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_split_data_calibrates_on_training_images_left_out_of_training():
+    from mpq.data import build_datasets
+    from mpq.errors import UserError
+    from search.cli import split_data
+    info = build_datasets("fashion_mnist", train_subset=1000, seed=0)
+    sp = split_data(info, 300, 0, 256, seed=0)
+    assert sp.calib_split == "train" and len(sp.calib_indices) == 300
+    assert not set(info.train.indices) & set(sp.calib_indices)
+    assert sp.eval_indices == list(range(len(info.val))) and len(sp.bn) == 256
+    assert split_data(info, 300, 0, 256, seed=0).calib_indices == sp.calib_indices   # seeded
+    assert split_data(info, 300, 0, 256, seed=1).calib_indices != sp.calib_indices
+    assert len(split_data(info, 300, 500, 256, seed=0).eval_indices) == 500
+    sv = split_data(info, 300, 0, 256, seed=0, calib_split="val")
+    assert sv.calib_split == "val" and len(sv.calib_indices) == 300
+    assert not set(sv.calib_indices) & set(sv.eval_indices)
+    assert len(sv.calib_indices) + len(sv.eval_indices) == len(info.val)
+    whole = build_datasets("fashion_mnist", seed=0)
+    assert split_data(whole, 300, 0, 256, seed=0).calib_split == "val"
+    with pytest.raises(UserError, match="left out of training"):
+        split_data(whole, 300, 0, 256, seed=0, calib_split="train")
