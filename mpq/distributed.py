@@ -174,6 +174,15 @@ def all_reduce_sum(values: List[float], env: DistEnv) -> List[float]:
     return t.tolist()
 
 
+def all_reduce_max(values: List[float], env: DistEnv) -> List[float]:
+    """Element-wise maximum of a list of numbers over the ranks (float64)."""
+    if not env.distributed:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def any_rank(flag: bool, env: DistEnv) -> bool:
     """True on every rank when ``flag`` is True on at least one rank."""
     if not env.distributed:

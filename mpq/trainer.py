@@ -40,9 +40,9 @@ from torch.utils.data import DataLoader, Subset
 from . import checkpoint as ckpt_io
 from .config import dump_config
 from .data import build_datasets
-from .distributed import (DistEnv, ResumableDistributedSampler, all_reduce_gradients, all_reduce_sum,
-                          any_rank, average_buffers, barrier, broadcast_module, cleanup, init_distributed,
-                          shard)
+from .distributed import (DistEnv, ResumableDistributedSampler, all_reduce_gradients, all_reduce_max,
+                          all_reduce_sum, any_rank, average_buffers, barrier, broadcast_module, cleanup,
+                          init_distributed, shard)
 from .errors import UserError
 from .models import build_model
 from .supernet import (calibrate_activations, get_bits, max_config, min_config, quant_layers,
@@ -251,18 +251,32 @@ class Trainer:
                                      num_workers=d["workers"], pin_memory=pin)
 
         # model
+        from .models import LOCAL_MODELS
+        if cfg["model"]["name"] not in LOCAL_MODELS and self.info.in_channels != 3:
+            raise UserError(f"model.name: {cfg['model']['name']!r} (a torchvision model) takes 3-channel "
+                            f"images, but data.name {d['name']!r} has {self.info.in_channels} channel(s); "
+                            f"use small_cnn or resnet20")
         float_model = build_model(cfg["model"]["name"], num_classes=num_classes,
                                   in_channels=self.info.in_channels, pretrained=cfg["model"]["pretrained"])
         try:
             self.net = quantize_model(float_model, w_bits=q["w_bits"], a_bits=q["a_bits"],
                                       keep_8bit=q["keep_8bit"], per_channel=q["per_channel"], bn=q["bn"])
         except ValueError as e:
-            raise UserError(f"quant: {e}") from None
+            raise UserError(f"quant.{e}") from None
         self.spec = spec_of(cfg, num_classes, self.info.in_channels, self.info.input_size)
         self.net.to(self.device)
         if t["channels_last"]:
             self.net.to(memory_format=torch.channels_last)
-        calibrate_activations(self.net, self._to_device(self.calib_batch))
+        calib = self._to_device(self.calib_batch)
+        if not cfg["model"]["pretrained"]:
+            # Fresh BatchNorms hold mean 0 / var 1, so an eval-mode calibration forward would see
+            # activations that shrink layer by layer, and the activation step sizes would come out
+            # orders of magnitude too small for the (batch-normalised) training forward: everything
+            # clips and nothing learns. Estimate the BN statistics of the max config on the
+            # calibration batch first.
+            set_bits(self.net, max_config(self.net))
+            recalibrate_bn(self.net, [(calib,)], 1)
+        calibrate_activations(self.net, calib)
         broadcast_module(self.net, env)
         self.model = torch.compile(self.net) if t["compile"] else self.net
 
@@ -625,6 +639,12 @@ class Trainer:
         cfg, env = self.cfg, self.env
         t, o = cfg["train"], cfg["output"]
         self.maybe_resume()
+        if env.distributed:
+            hi, neg_lo = all_reduce_max([float(self.global_step), -float(self.global_step)], env)
+            if hi != -neg_lo:
+                raise UserError(f"train.resume: the ranks resumed from different steps (this rank: "
+                                f"{self.global_step}); every node must see the run folder "
+                                f"{self.run_dir!r} (use a shared file system)")
         self._open_outputs()
         if self.global_step >= self.total_steps:
             self._log(f"run {self.run_dir} is already complete ({self.global_step} steps)")
