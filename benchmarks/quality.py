@@ -57,7 +57,6 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
-from torch.utils.data import Subset  # noqa: E402
 
 from mpq.data import build_datasets  # noqa: E402
 from mpq.quantizer import FLOAT_BITS, qrange  # noqa: E402
@@ -85,11 +84,13 @@ def default_settings() -> Dict[str, Any]:
     d = default_config()
     return {
         "epochs": d["train"]["epochs"],
-        "train_subset": d["data"]["train_subset"],
+        # half the training set: fits the time budget and leaves unused training images for the
+        # search calibration split (as search.py's --calib-split train)
+        "train_subset": 30000,
         "val_subset": None,            # test images evaluated (None: all 10000)
         "repeats": 3,
         "seed0": 0,
-        "calib_size": 2000,            # search calibration images (training images not trained on)
+        "calib_size": 2048,            # search calibration images (as search.py: --calib-size)
         "bn_batches": 8,               # BN re-calibration batches (of 256 training images)
         "ptq_calib_batches": 2,        # activation step-size calibration batches for PTQ
         "path_points": 12,             # searched-path points evaluated on the test set (for the plot)
@@ -101,7 +102,7 @@ def default_settings() -> Dict[str, Any]:
     }
 
 
-QUICK = {"epochs": 1, "train_subset": 2000, "val_subset": 1000, "repeats": 1, "calib_size": 500,
+QUICK = {"epochs": 1, "train_subset": 4000, "val_subset": 1000, "repeats": 1, "calib_size": 512,
          "bn_batches": 2, "path_points": 6, "ptq_calib_batches": 1}
 
 
@@ -137,31 +138,22 @@ def verdict(diffs: Sequence[float]) -> str:
 
 # ============================================================================ data / evaluation
 class EvalData:
-    """The fixed data of one seed: the held-out test batches, BN re-calibration batches (training
-    images) and the search calibration set (training images outside the training subset when there
-    are any)."""
+    """The fixed data of one seed, split as ``search.py`` splits it (``search.cli.split_data``):
+    the search calibration set (training images left out of ``train_subset``, else a part of the
+    held-out split), the held-out test batches (disjoint from calibration) and the BN re-calibration
+    batches (training images)."""
 
     def __init__(self, s: Dict[str, Any], seed: int) -> None:
+        from search.cli import split_data
         from search.evaluator import take_batches
-        info = build_datasets("fashion_mnist", train_subset=s["train_subset"], val_subset=s["val_subset"],
-                              seed=seed)
-        self.info = info
-        train = info.train
-        full = train.dataset if isinstance(train, Subset) else train
-        g = torch.Generator().manual_seed(seed + 101)
-        if isinstance(train, Subset):
-            used = set(int(i) for i in train.indices)
-            rest = [i for i in torch.randperm(len(full), generator=g).tolist() if i not in used]
-        else:
-            rest = []
-        self.calib_overlaps_train = len(rest) < s["calib_size"]
-        if self.calib_overlaps_train:
-            rest = torch.randperm(len(full), generator=g).tolist()
-        self.calib = take_batches(Subset(full, rest[:s["calib_size"]]), None, 256)
-        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 202)).tolist()
-        self.bn = take_batches(Subset(train, perm[:256 * s["bn_batches"]]), None, 256)
+        info = build_datasets("fashion_mnist", train_subset=s["train_subset"], seed=seed)
+        split = split_data(info, s["calib_size"], s["val_subset"] or 0, 256 * s["bn_batches"], seed)
+        self.calib_split = split.calib_split
+        self.calib = take_batches(split.calib, None, 256)
+        self.bn = take_batches(split.bn, None, 256)
         self.ptq_calib = self.bn[:s["ptq_calib_batches"]]
-        self.test = take_batches(info.val, None, 500)
+        self.test = take_batches(split.eval, None, 500)
+        self.test_size = len(split.eval)
         self.input_size = tuple(info.input_size)
 
     def evaluator(self, net):
@@ -182,6 +174,10 @@ def cfg_json(config) -> Dict[str, List[int]]:
 
 def cfg_tuple(config) -> Dict[str, Tuple[int, int]]:
     return {k: (int(v[0]), int(v[1])) for k, v in config.items()}
+
+
+def cfg_key(config) -> Tuple:
+    return tuple(sorted((k, int(v[0]), int(v[1])) for k, v in config.items()))
 
 
 def cfg_str(config, layers: Optional[Sequence[str]] = None) -> str:
@@ -270,7 +266,7 @@ def task_supernet(s: Dict[str, Any], variant: str, seed: int, do_search: bool) -
     t0 = time.time()
     layers = list(quant_layers(net))
     out.update({"task": "supernet", "variant": variant, "seed": seed, "layers": layers,
-                "calib_overlaps_train": data.calib_overlaps_train,
+                "calib_split": data.calib_split, "test_size": data.test_size,
                 "frozen_at_end": {n: [b for b in m.w_candidates if b not in m.w_allowed]
                                   for n, m in quant_layers(net).items()},
                 "uniform": {}})
@@ -289,32 +285,78 @@ def task_supernet(s: Dict[str, Any], variant: str, seed: int, do_search: bool) -
         path = [{"index": st.index, "config": cfg_json(st.config), "bitops": cost.bitops(st.config),
                  "calib_acc": 100.0 * st.result.get("acc", float("nan")),
                  "calib_loss": st.result.get("loss", float("nan"))} for st in res.path]
+        # calibration results of the uniform configs (search.py's candidates besides the path)
+        uniform_cal = []
+        for b in UNIFORM_BITS:
+            c = uniform_config(net, b, b)
+            r = ev.exact(c)
+            uniform_cal.append({"bits": b, "label": f"W{b}A{b}", "config": c, "bitops": cost.bitops(c),
+                                "acc": r["acc"], "loss": r["loss"]})
+        pick_config = _search_pick_config()
+        # test accuracy per config, measured once (the uniform ones are measured above)
+        test_memo: Dict[Tuple, float] = {cfg_key(uniform_config(net, b, b)): out["uniform"][str(b)]["acc"]
+                                         for b in UNIFORM_BITS}
+
+        def test_of(config) -> float:
+            if cfg_key(config) not in test_memo:
+                test_memo[cfg_key(config)] = data.test_acc(ev, config)
+            return test_memo[cfg_key(config)]
+
         out["budgets"] = {}
         chosen = set()
         for b in BUDGET_BITS:
             budget = cost.bitops(uniform_config(net, b, b))
-            step = res.select(lambda c, budget=budget: cost.bitops(c) <= budget * (1 + 1e-9))
-            if step is None:
+            uni = cfg_tuple(uniform_config(net, b, b))
+
+            def fit(c, budget=budget):
+                return cost.bitops(c) <= budget * (1 + 1e-9)
+            # the searched config: the best path point within the budget by calibration accuracy
+            # (ties: lower loss, earlier point), as search.py ranks them
+            fitting = [st for st in res.path if fit(st.config)]
+            if not fitting:
                 out["budgets"][str(b)] = {"budget": budget, "config": None}
                 continue
+            step = min(fitting, key=lambda st: (-st.result["acc"], st.result["loss"], st.index))
             chosen.add(step.index)
-            uni = cfg_tuple(uniform_config(net, b, b))
-            same = cfg_tuple(step.config) == uni
-            acc = out["uniform"][str(b)]["acc"] if same else data.test_acc(ev, step.config)
+            acc = test_of(step.config)
             path[step.index]["acc"] = acc
-            out["budgets"][str(b)] = {"budget": budget, "config": cfg_json(step.config),
-                                      "bitops": cost.bitops(step.config), "acc": acc,
-                                      "path_index": step.index, "same_as_uniform": same}
+            info = {"budget": budget, "config": cfg_json(step.config), "bitops": cost.bitops(step.config),
+                    "acc": acc, "calib_acc": 100.0 * step.result["acc"], "path_index": step.index,
+                    "same_as_uniform": cfg_tuple(step.config) == uni}
+            # what search.py returns for this budget: the same ranking over the path AND the uniform
+            # configs, keeping the largest fitting uniform config unless the best beats it by
+            # --margin (2) standard errors on the calibration set
+            if pick_config is not None:
+                try:
+                    chosen_cli = pick_config(res.path, uniform_cal, fit, ev, "acc", 2.0)
+                except Exception as e:  # noqa: BLE001 - the search side's API changed: say so
+                    info["cli_pick_error"] = f"{type(e).__name__}: {e}"
+                else:
+                    c = cfg_tuple(chosen_cli["config"])
+                    info["cli_pick"] = {"config": cfg_json(c), "bitops": cost.bitops(c), "acc": test_of(c),
+                                        "source": chosen_cli.get("source"),
+                                        "z_vs_uniform": chosen_cli.get("z_vs_uniform"),
+                                        "is_uniform": any(c == cfg_tuple(u["config"]) for u in uniform_cal)}
+            out["budgets"][str(b)] = info
         # test accuracy of evenly spaced path points (plus the chosen ones) for the Pareto plot
         n = len(path)
         k = max(2, min(s["path_points"], n))
         picks = sorted({round(i * (n - 1) / (k - 1)) for i in range(k)} | chosen) if n > 1 else [0]
         for i in picks:
             if "acc" not in path[i]:
-                path[i]["acc"] = data.test_acc(ev, path[i]["config"])
+                path[i]["acc"] = test_of(path[i]["config"])
         out["path"] = path
     out["eval_s"] = round(time.time() - t0, 1)
     return out
+
+
+def _search_pick_config():
+    """``search.cli.pick_config`` (how search.py picks the config for a budget), if it exists."""
+    try:
+        from search.cli import pick_config
+    except ImportError:
+        return None
+    return pick_config
 
 
 def task_qat(s: Dict[str, Any], seed: int, label: str, config: Optional[Dict[str, List[int]]],
@@ -328,7 +370,7 @@ def task_qat(s: Dict[str, Any], seed: int, label: str, config: Optional[Dict[str
     ev = data.evaluator(tr.net)
     from search.greedy import CostModel
     c = tr.fixed_config
-    out.update({"task": "qat", "label": label, "seed": seed, "config": cfg_json(c),
+    out.update({"task": "qat", "label": label, "seed": seed, "config": cfg_json(c), "test_size": data.test_size,
                 "bitops": CostModel(tr.net, data.input_size).bitops(c), "acc": data.test_acc(ev, c)})
     return out
 
@@ -433,6 +475,7 @@ def task_r2(s: Dict[str, Any], seed: int, kind: str, weight: float) -> Dict[str,
     ev = data.evaluator(net)
     layers = list(quant_layers(net))
     out.update({"task": "r2", "kind": kind, "weight": weight if kind != "none" else 0.0, "seed": seed,
+                "test_size": data.test_size,
                 "float_acc": data.test_acc(ev, {n: (FLOAT_BITS, FLOAT_BITS) for n in layers}),
                 "weights": weight_range_stats(net), "ptq": {}})
     float_state = {k: v.clone() for k, v in net.state_dict().items()}
@@ -454,7 +497,13 @@ def _worker_init(threads: int) -> None:
 
 
 def _call(fn_name: str, args: tuple) -> Dict[str, Any]:
-    return globals()[fn_name](*args)
+    """Run task ``fn_name``; adds its wall and CPU seconds (CPU ~ wall on an idle machine with one
+    thread per job, so the CPU seconds also predict the runtime where the machine is shared)."""
+    t, c = time.time(), time.process_time()
+    out = globals()[fn_name](*args)
+    out["task_wall_s"] = round(time.time() - t, 1)
+    out["task_cpu_s"] = round(time.process_time() - c, 1)
+    return out
 
 
 class Runner:
@@ -471,6 +520,8 @@ class Runner:
             torch.set_num_threads(threads)
         self.pending: Dict[Any, Tuple[str, Callable]] = {}
         self.queue: List[Tuple[str, str, tuple, Callable]] = []
+        self.failed: List[Dict[str, str]] = []
+        self.on_progress: Optional[Callable[[], None]] = None
         self.t0 = time.time()
 
     def submit(self, label: str, fn_name: str, args: tuple, done: Callable[[Dict[str, Any]], None]) -> None:
@@ -480,35 +531,62 @@ class Runner:
             fut = self.pool.submit(_call, fn_name, args)
             self.pending[fut] = (label, done)
 
+    def _finish(self, label: str, done: Callable, res: Optional[Dict[str, Any]], err: Optional[str],
+                took: Optional[float] = None) -> None:
+        when = f"[{time.time() - self.t0:6.0f}s]"
+        if err is not None:
+            self.failed.append({"task": label, "error": err})
+            self.log(f"{when} FAILED {label}: {err.strip().splitlines()[-1] if err.strip() else err}")
+            return
+        self.log(f"{when} done {label}" + (f" ({took:.0f}s)" if took is not None else ""))
+        done(res)
+        if self.on_progress is not None:
+            self.on_progress()
+
     def run(self) -> None:
+        """Run everything submitted (also what gets submitted meanwhile). A failed task is logged
+        and recorded in ``failed``; the others go on."""
         if self.pool is None:
             while self.queue:
                 label, fn_name, args, done = self.queue.pop(0)
                 t = time.time()
-                res = _call(fn_name, args)
-                self.log(f"[{time.time() - self.t0:6.0f}s] done {label} ({time.time() - t:.0f}s)")
-                done(res)
+                try:
+                    res, err = _call(fn_name, args), None
+                except Exception:  # noqa: BLE001 - reported, the other tasks go on
+                    res, err = None, traceback.format_exc()
+                self._finish(label, done, res, err, time.time() - t)
             return
         try:
             while self.pending:
                 finished, _ = wait(list(self.pending), return_when=FIRST_COMPLETED)
                 for fut in finished:
                     label, done = self.pending.pop(fut)
-                    res = fut.result()
-                    self.log(f"[{time.time() - self.t0:6.0f}s] done {label}")
-                    done(res)
+                    try:
+                        res, err = fut.result(), None
+                    except Exception as e:  # noqa: BLE001 - reported, the other tasks go on
+                        res, err = None, f"{type(e).__name__}: {e}"
+                    self._finish(label, done, res, err)
         finally:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ============================================================================ main
-def run_benchmark(s: Dict[str, Any], log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Run the selected sections; returns the raw results (``runs``) and the summaries."""
+def run_benchmark(s: Dict[str, Any], log: Callable[[str], None] = print,
+                  partial_path: Optional[str] = None) -> Dict[str, Any]:
+    """Run the selected sections; returns the raw results (``runs``), the summaries and the failed
+    tasks. With ``partial_path`` the raw results so far are written there after every task."""
     t0 = time.time()
     sections = set(s["sections"])
     seeds = [s["seed0"] + i for i in range(s["repeats"])]
     runs: Dict[str, List[Dict[str, Any]]] = {"supernet": [], "qat": [], "r2": []}
     runner = Runner(s["jobs"], s["threads"], log)
+    if partial_path:
+        def save_partial():
+            tmp = partial_path + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({"settings": s, "partial": True, "runs": runs, "failed": runner.failed}, f)
+            os.replace(tmp, partial_path)
+        runner.on_progress = save_partial
     need_full = bool(sections & {1, 2, 3})
     need_search = bool(sections & {1, 2})
     variants = [v for v in SUPERNET_VARIANTS if v != FULL] if 3 in sections else []
@@ -547,7 +625,7 @@ def run_benchmark(s: Dict[str, Any], log: Callable[[str], None] = print) -> Dict
                                     r.get("weight", 0.0)))
     summary = summarize(s, runs, sections)
     return {"settings": s, "machine": machine_info(s), "runtime_s": round(time.time() - t0, 1),
-            "summary": summary, "runs": runs}
+            "summary": summary, "failed": runner.failed, "runs": runs}
 
 
 def machine_info(s: Dict[str, Any]) -> Dict[str, Any]:
@@ -568,13 +646,21 @@ def summarize(s, runs, sections) -> Dict[str, Any]:
             uni = [p[0] for p in pairs]
             srch = [p[1] for p in pairs]
             diffs = [p[1] - p[0] for p in pairs]
-            rows.append({"bits": b, "budget_bitops": full[0]["budgets"][str(b)]["budget"],
-                         "uniform_acc": uni, "searched_acc": srch, "diff": diffs,
-                         "searched_bitops": [p[2]["budgets"][str(b)]["bitops"] for p in pairs],
-                         "same_as_uniform": [p[2]["budgets"][str(b)]["same_as_uniform"] for p in pairs],
-                         "searched_configs": [cfg_str(p[2]["budgets"][str(b)]["config"], p[2]["layers"])
-                                              for p in pairs],
-                         "verdict": verdict(diffs)})
+            row = {"bits": b, "budget_bitops": full[0]["budgets"][str(b)]["budget"],
+                   "uniform_acc": uni, "searched_acc": srch, "diff": diffs,
+                   "searched_bitops": [p[2]["budgets"][str(b)]["bitops"] for p in pairs],
+                   "same_as_uniform": [p[2]["budgets"][str(b)]["same_as_uniform"] for p in pairs],
+                   "searched_configs": [cfg_str(p[2]["budgets"][str(b)]["config"], p[2]["layers"])
+                                        for p in pairs],
+                   "verdict": verdict(diffs)}
+            cli = [(p[0], p[2]["budgets"][str(b)]["cli_pick"]) for p in pairs
+                   if "cli_pick" in p[2]["budgets"][str(b)]]
+            if cli and len(cli) == len(pairs):
+                row["cli_acc"] = [c["acc"] for _, c in cli]
+                row["cli_diff"] = [c["acc"] - u for u, c in cli]
+                row["cli_mixed"] = sum(not c["is_uniform"] for _, c in cli)
+                row["cli_verdict"] = verdict(row["cli_diff"])
+            rows.append(row)
         out["search_vs_uniform"] = rows
     if 2 in sections and full:
         qat = {(r["label"], r["seed"]): r for r in runs["qat"]}
@@ -658,20 +744,28 @@ def _claim(v: str, table: Dict[str, str]) -> str:
 def markdown(result: Dict[str, Any]) -> str:
     s, sm = result["settings"], result["summary"]
     n = s["repeats"]
+    cpu = sum(r.get("task_cpu_s", 0.0) for rs in result["runs"].values() for r in rs)
+    sizes = sorted({r.get("test_size") for rs in result["runs"].values() for r in rs if r.get("test_size")})
     lines = [f"Fashion-MNIST, SmallCNN, {s['epochs']} epoch(s) on {s['train_subset'] or 'all'} training "
-             f"images, test set {s['val_subset'] or 'all 10000'}, {n} seed(s): mean ± std (%). "
+             f"images, {'/'.join(map(str, sizes)) or '?'} held-out test images, {n} seed(s): mean ± std (%). "
              f"Verdicts from paired per-seed differences (2 standard errors). "
-             f"Runtime {result['runtime_s'] / 60:.1f} min ({s['jobs']} jobs x {s['threads']} thread).", ""]
+             f"Runtime {result['runtime_s'] / 60:.1f} min ({s['jobs']} jobs x {s['threads']} thread; "
+             f"{cpu / 60:.1f} CPU-min in the tasks).", ""]
     if "search_vs_uniform" in sm:
         lines += ["### 1. Searched mixed precision vs uniform, same supernet, equal BitOPs", "",
-                  "| budget | MBitOPs | uniform acc | searched acc | searched − uniform | searched better? | searched configs (w/a per layer) |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+                  "searched = the best greedy-path point within the budget by calibration accuracy; "
+                  "search.py = what `search.py` returns (path points and uniform configs; the largest "
+                  "fitting uniform config is kept unless beaten by 2 standard errors on calibration).", "",
+                  "| budget | MBitOPs | uniform | searched | searched − uniform | searched better? | search.py | search.py − uniform | search.py mixed | searched configs (w/a per layer) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in sm["search_vs_uniform"]:
             same = all(r["same_as_uniform"])
             cl = "n/a: W2A2 is the lowest config, the search can only return it" if same else _claim(r["verdict"], CLAIM)
             cfgs = "; ".join(sorted(set(r["searched_configs"])))
+            cli = (f"{fmt(r['cli_acc'])} | {fmt(r['cli_diff'])} | {r['cli_mixed']}/{len(r['cli_acc'])}"
+                   if "cli_acc" in r else "n/a | n/a | n/a")
             lines.append(f"| W{r['bits']}A{r['bits']} | {r['budget_bitops'] / 1e6:.2f} | {fmt(r['uniform_acc'])} | "
-                         f"{fmt(r['searched_acc'])} | {fmt(r['diff'])} | {cl} | {cfgs} |")
+                         f"{fmt(r['searched_acc'])} | {fmt(r['diff'])} | {cl} | {cli} | {cfgs} |")
         lines.append("")
     if "retraining_free" in sm:
         lines += ["### 2. Retraining-free: config from the supernet vs the same config trained alone (QAT, same epochs)", "",
@@ -704,6 +798,9 @@ def markdown(result: Dict[str, Any]) -> str:
             lines.append(f"| {r['kind']} | {lam} | {fmt(r['float_acc'])} | {fmt(r['ptq_w2'])} | "
                          f"{fmt(r['ptq_w2_no_recal'])} | {fmt(r['ptq_w4'])} | {fmt(r['max_over_std'])} | {d} | {cl} |")
         lines.append("")
+    if result.get("failed"):
+        lines += ["**Failed tasks** (missing from the tables): " +
+                  "; ".join(f"{f['task']}: {f['error'].strip().splitlines()[-1][:200]}" for f in result["failed"]), ""]
     return "\n".join(lines)
 
 
@@ -759,13 +856,13 @@ def parse_args(argv=None) -> Tuple[Dict[str, Any], argparse.Namespace]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: 1 epoch on 2000 images, 1 seed, 1000 test images (a few minutes)")
+                   help="smoke run: 1 epoch on 4000 images, 1 seed, 1000 test images (about 2 minutes)")
     p.add_argument("--repeats", type=int, help=f"seeds (default {d['repeats']}; --quick: 1)")
     p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
     p.add_argument("--epochs", type=int, help=f"training epochs of every run (default: the embedded "
                                                  f"default's train.epochs = {d['epochs']})")
-    p.add_argument("--train-subset", help=f"training images (default: the embedded default's "
-                                           f"data.train_subset = {d['train_subset']}; 'all' for all)")
+    p.add_argument("--train-subset", help=f"training images (default {d['train_subset']}: a seeded half of "
+                                           f"the training set; 'all' for all 60000)")
     p.add_argument("--val-subset", type=int, help="test images evaluated (default: all 10000)")
     p.add_argument("--max-steps", type=int, help="cap the steps of every training run")
     p.add_argument("--sections", default="1,2,3,4", help="sections to run, e.g. 1,2 (default all)")
@@ -817,7 +914,9 @@ def main(argv=None) -> int:
     s, a = parse_args(argv)
     print(f"quality benchmark: sections {s['sections']}, {s['repeats']} seed(s), {s['epochs']} epoch(s), "
           f"train subset {s['train_subset']}, {s['jobs']} job(s) x {s['threads']} thread(s)", flush=True)
-    result = run_benchmark(s, log=lambda m: print(m, flush=True))
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    partial = a.out + ".partial"
+    result = run_benchmark(s, log=lambda m: print(m, flush=True), partial_path=partial)
     md = markdown(result)
     print()
     print(md)
@@ -828,7 +927,13 @@ def main(argv=None) -> int:
     with open(a.markdown, "w", encoding="utf-8") as f:
         f.write(md + "\n")
     png = plot(result, a.plot)
+    if os.path.exists(partial):
+        os.remove(partial)
     print(f"wrote {a.out}, {a.markdown}" + (f", {png}" if png else ""))
+    if result["failed"]:
+        print(f"{len(result['failed'])} task(s) failed: " + ", ".join(f["task"] for f in result["failed"]),
+              file=sys.stderr)
+        return 1
     return 0
 
 
