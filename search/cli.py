@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the configuration for a budget is picked among the path points and the "
                         "uniform configurations that fit: best calibration accuracy (ties: lower loss) "
                         "or lowest calibration loss")
+    s.add_argument("--margin", type=float, default=2.0,
+                   help="a mixed configuration replaces the largest uniform W=A configuration within "
+                        "the budget only if it beats it on the calibration samples by this many "
+                        "standard errors of the paired per-sample difference (0: always take the best)")
     o = p.add_argument_group("output")
     o.add_argument("--export", action=argparse.BooleanOptionalAction, default=True,
                    help="write model_fixed.pt (the accuracy of the fixed model is measured either way)")
@@ -250,9 +254,10 @@ def _resolve_data(ckpt: Dict[str, Any], args) -> Dict[str, Any]:
     if "name" not in data:
         raise UserError(f"checkpoint: {args.checkpoint!r} names no data set (config.data.name); "
                         f"pass --data-name and --data-root")
+    data.setdefault("seed", 0)
+    data["train_seed"] = data["seed"]
     if args.seed is not None:
         data["seed"] = args.seed
-    data.setdefault("seed", 0)
     data.setdefault("root", None)
     return data
 
@@ -267,6 +272,42 @@ def _uniform_bits(net) -> List[int]:
         s = set(m.w_candidates) & set(m.a_candidates)
         common = s if common is None else common & s
     return sorted(b for b in (common or set()) if b != 32)
+
+
+def pick_config(path: Sequence[Any], uniform: Sequence[Dict[str, Any]], fit, evaluator,
+                select: str = "acc", margin: float = 2.0) -> Dict[str, Any]:
+    """The configuration answering one budget.
+
+    Candidates: the path points and the uniform configurations for which ``fit(config)`` holds.
+    The best by calibration accuracy (ties: lower loss; ``select="loss"``: lowest loss) is taken,
+    unless the largest uniform configuration that fits exists and the best does not beat it by
+    ``margin`` standard errors of the paired per-sample difference on the calibration samples
+    (:meth:`search.evaluator.Evaluator.paired_z`): then that uniform configuration is kept - a mixed
+    configuration must earn its place. Returns ``{}`` when nothing fits.
+    """
+    cands = [{"config": s.config, "acc": s.result["acc"], "loss": s.result["loss"],
+              "bitops": s.bitops, "source": f"path step {s.index}", "order": (0, s.index)}
+             for s in path if fit(s.config)]
+    fitting_uniform = [u for u in uniform if fit(u["config"])]
+    cands += [{"config": u["config"], "acc": u["acc"], "loss": u["loss"], "bitops": u["bitops"],
+               "source": f"uniform {u['label']}", "order": (1, u["bits"])} for u in fitting_uniform]
+    if not cands:
+        return {}
+    if select == "acc":
+        best = min(cands, key=lambda c: (-c["acc"], c["loss"], c["order"]))
+    else:
+        best = min(cands, key=lambda c: (c["loss"], -c["acc"], c["order"]))
+    if fitting_uniform and margin > 0:
+        ref_u = max(fitting_uniform, key=lambda u: (u["bitops"], u["bits"]))
+        ref = [c for c in cands if c["source"] == f"uniform {ref_u['label']}"][0]
+        if best is not ref:
+            z = evaluator.paired_z(best["config"], ref["config"], select)
+            best = dict(best, z_vs_uniform=z, uniform_ref=ref_u["label"])
+            if z < margin:
+                best = dict(ref, z_vs_uniform=z, uniform_ref=ref_u["label"],
+                            source=f"uniform {ref_u['label']}: the best candidate ({best['source']}) "
+                                   f"beats it by only {z:.2f} s.e. < margin {margin:g}")
+    return best
 
 
 # ----------------------------------------------------------------------------------------------- run
@@ -297,8 +338,8 @@ def run(args) -> int:
     for name in ("calib_size", "batch_size", "bn_batches", "top_k", "proxy_batches"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(args, name)}")
-    if args.eval_size < 0 or args.refresh < 0 or args.workers < 0:
-        raise UserError("--eval-size, --refresh and --workers must not be negative")
+    if args.eval_size < 0 or args.refresh < 0 or args.workers < 0 or not args.margin >= 0:
+        raise UserError("--eval-size, --refresh, --workers and --margin must not be negative")
 
     device, dist_here = _init_distributed(args.device)
     try:
@@ -361,13 +402,15 @@ def run(args) -> int:
                                 f"achievable size {format_bytes(min_size)} ({min_size:.0f} bytes; every "
                                 f"layer at its lowest weight bit-width)")
 
-        # data: calibration and evaluation are disjoint parts of the held-out split; BN batches
-        # come from the training split
+        # data: calibration from training images left out of training or from the held-out split,
+        # final evaluation on the held-out split, BN batches from the training data (split_data).
+        # The training subset is rebuilt with the checkpoint's data seed; --seed only draws the
+        # search's own samples.
         data = _resolve_data(ckpt, args)
         seed = int(data["seed"])
         try:
             info = build_datasets(data["name"], data.get("root"), train_subset=data.get("train_subset"),
-                                  seed=seed, image_size=input_size[-1])
+                                  seed=int(data["train_seed"]), image_size=input_size[-1])
         except TypeError as e:
             raise UserError(f"checkpoint: malformed data config {data!r} ({e})") from None
         m_spec = spec.get("model", {})
@@ -436,20 +479,8 @@ def run(args) -> int:
              f"({search_counts['evaluations']} exact + {search_counts['proxy_evaluations']} proxy "
              f"evaluations), {search_seconds:.1f}s", main)
 
-        # pick per target: the best calibration accuracy (or loss) among the path points and the
-        # uniform configurations that fit
         def pick(fit) -> Dict[str, Any]:
-            cands = [{"config": s.config, "metric": s.metric, "acc": s.result["acc"],
-                      "loss": s.result["loss"], "source": f"path step {s.index}", "order": (0, s.index)}
-                     for s in result.path if fit(s.config)]
-            cands += [{"config": u["config"], "metric": u["metric"], "acc": u["acc"], "loss": u["loss"],
-                       "source": f"uniform {u['label']}", "order": (1, u["bits"])}
-                      for u in uniform if fit(u["config"])]
-            if not cands:
-                return {}
-            if args.select == "acc":
-                return min(cands, key=lambda c: (-c["acc"], c["loss"], c["order"]))
-            return min(cands, key=lambda c: (c["loss"], -c["acc"], c["order"]))
+            return pick_config(result.path, uniform, fit, evaluator, args.select, args.margin)
 
         out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "search")
         if main:
@@ -491,6 +522,7 @@ def run(args) -> int:
                 "accuracy": fx["acc"], "loss": fx["loss"], "eval_samples": fx["n"],
                 "supernet_accuracy": sup["acc"], "supernet_loss": sup["loss"],
                 "calib_accuracy": chosen["acc"], "calib_loss": chosen["loss"], "source": chosen["source"],
+                "z_vs_uniform": chosen.get("z_vs_uniform"), "uniform_ref": chosen.get("uniform_ref"),
                 "fixed_model": fname, "fixed_model_bytes": fbytes, "float_model_bytes": float_bytes,
             })
             del fixed
@@ -540,7 +572,7 @@ def run(args) -> int:
                      "uniform8_bitops": cost.uniform8_bitops(), "max_size_bytes": cost.size_bytes(cmax),
                      "min_size_bytes": min_size, "input_size": input_size},
             "search": {"strategy": args.strategy, "score": args.score, "metric": args.metric,
-                       "select": args.select,
+                       "select": args.select, "margin": args.margin,
                        "top_k": args.top_k, "refresh": args.refresh, "proxy_batches": args.proxy_batches,
                        "steps": len(result.path) - 1, "full_path": bool(args.full_path),
                        "seconds": search_seconds, "forwards": search_counts,

@@ -19,6 +19,7 @@ statistics are identical everywhere). Without ``torch.distributed`` everything r
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -233,16 +234,23 @@ def batch_stat_bn(net: nn.Module) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------- eval
+def _key(config: Mapping[str, Sequence[int]]) -> Tuple:
+    return tuple(sorted((k, int(v[0]), int(v[1])) for k, v in config.items()))
+
+
 BN_MODES = ("auto", "recalibrate", "stored", "batch")
 
 
 @torch.no_grad()
 def _run(net: nn.Module, loader: Iterable, device: torch.device, batch_size: int,
-         max_batches: Optional[int]) -> Tuple[float, float, int, int]:
+         max_batches: Optional[int], collect: Optional[Dict[str, Any]] = None
+         ) -> Tuple[float, float, int, int]:
     correct = 0
     loss_sum = 0.0
     n = 0
     batches = 0
+    per_correct: List[torch.Tensor] = []
+    per_loss: List[torch.Tensor] = []
     for batch in make_loader(loader, batch_size):
         if max_batches is not None and batches >= max_batches:
             break
@@ -251,10 +259,18 @@ def _run(net: nn.Module, loader: Iterable, device: torch.device, batch_size: int
             raise ValueError("evaluation batches need targets: (inputs, targets) pairs")
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits = net(x)
-        loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
-        correct += int((logits.argmax(1) == y).sum())
+        losses = F.cross_entropy(logits.float(), y, reduction="none")
+        hits = logits.argmax(1) == y
+        loss_sum += float(losses.sum())
+        correct += int(hits.sum())
         n += int(y.numel())
         batches += 1
+        if collect is not None:
+            per_correct.append(hits.cpu())
+            per_loss.append(losses.detach().cpu())
+    if collect is not None:
+        collect["correct"] = torch.cat(per_correct) if per_correct else torch.zeros(0, dtype=torch.bool)
+        collect["loss"] = torch.cat(per_loss) if per_loss else torch.zeros(0)
     return correct, loss_sum, n, batches
 
 
@@ -262,7 +278,8 @@ def evaluate(net: nn.Module, config: Optional[Mapping[str, Sequence[int]]], load
              bn_loader: Optional[Data] = None, bn_batches: int = DEFAULT_BN_BATCHES, device=None,
              recalibrate: Optional[bool] = None, bn_mode: str = "auto",
              counter: Optional[ForwardCounter] = None, batch_size: int = DEFAULT_BATCH_SIZE,
-             max_batches: Optional[int] = None, reduce: Optional[bool] = None) -> Dict[str, float]:
+             max_batches: Optional[int] = None, reduce: Optional[bool] = None,
+             collect: Optional[Dict[str, Any]] = None) -> Dict[str, float]:
     """Accuracy and mean cross-entropy of ``config`` (``None``: the active one) on ``loader``.
 
     Args:
@@ -279,6 +296,8 @@ def evaluate(net: nn.Module, config: Optional[Mapping[str, Sequence[int]]], load
         counter: counts the forward passes.
         reduce: all-reduce the sums across ranks (default: when ``torch.distributed`` runs with
             more than one rank).
+        collect: a dict that receives this rank's per-sample ``"correct"`` (bool) and ``"loss"``
+            tensors, in data order.
     Returns ``{"acc", "loss", "n"}`` (accuracy in [0, 1], mean loss, number of samples).
     """
     net = unwrap(net)
@@ -299,7 +318,7 @@ def evaluate(net: nn.Module, config: Optional[Mapping[str, Sequence[int]]], load
     net.eval()
     ctx = batch_stat_bn(net) if bn_mode == "batch" else contextlib.nullcontext()
     with ctx:
-        correct, loss_sum, n, batches = _run(net, loader, device, batch_size, max_batches)
+        correct, loss_sum, n, batches = _run(net, loader, device, batch_size, max_batches, collect)
     if counter is not None:
         counter.eval_forwards += batches
         counter.samples += n
@@ -358,12 +377,43 @@ class Evaluator:
                         if bn_data is not None else head[:bn_batches])
         if self.recalibrate and not self.bn_data:
             raise ValueError("Evaluator: BN re-calibration needs at least one batch")
+        self.samples: Dict[Tuple, Dict[str, torch.Tensor]] = {}
 
     def exact(self, config: Optional[Mapping[str, Sequence[int]]]) -> Dict[str, float]:
-        """The configuration's accuracy/loss on the whole calibration set."""
-        return evaluate(self.net, config, self.calib, self.bn_data, len(self.bn_data), self.device,
-                        recalibrate=self.recalibrate, counter=self.counter, batch_size=self.batch_size,
-                        reduce=dist_info()[1] > 1)
+        """The configuration's accuracy/loss on the whole calibration set (per-sample results are
+        kept for :meth:`paired_z`)."""
+        collect: Dict[str, Any] = {}
+        out = evaluate(self.net, config, self.calib, self.bn_data, len(self.bn_data), self.device,
+                       recalibrate=self.recalibrate, counter=self.counter, batch_size=self.batch_size,
+                       reduce=dist_info()[1] > 1, collect=collect)
+        from mpq.supernet import get_bits
+        self.samples[_key(get_bits(self.net))] = collect
+        return out
+
+    def paired_z(self, a: Mapping[str, Sequence[int]], b: Mapping[str, Sequence[int]],
+                 what: str = "acc") -> float:
+        """How many standard errors ``a`` beats ``b`` by on the calibration set: the mean per-sample
+        difference (correctness for ``"acc"``, minus the loss for ``"loss"``) over its standard
+        error (a paired test on the same samples). Both must have been evaluated by :meth:`exact`.
+        ``0`` when they agree on every sample; all ranks get the same value."""
+        sa, sb = self.samples.get(_key(a)), self.samples.get(_key(b))
+        if sa is None or sb is None:
+            raise KeyError("paired_z: evaluate both configurations with exact() first")
+        if what == "acc":
+            d = sa["correct"].double() - sb["correct"].double()
+        else:
+            d = sb["loss"].double() - sa["loss"].double()
+        sums = torch.tensor([float(d.sum()), float((d * d).sum()), float(d.numel())], dtype=torch.float64)
+        if dist_info()[1] > 1:
+            sums = _all_reduce_sum(sums)
+        total, sq, n = float(sums[0]), float(sums[1]), float(sums[2])
+        if n < 2:
+            return 0.0
+        mean = total / n
+        var = max(sq / n - mean * mean, 0.0) * n / (n - 1)
+        if var == 0.0:
+            return 0.0 if mean == 0.0 else math.copysign(math.inf, mean)
+        return mean / math.sqrt(var / n)
 
     def proxy(self, config: Optional[Mapping[str, Sequence[int]]]) -> Dict[str, float]:
         """Cheap estimate on the proxy batch(es): one forward pass per batch, nothing re-calibrated."""

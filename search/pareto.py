@@ -60,23 +60,25 @@ def plot(path: str, steps: Sequence[Any], uniform: Sequence[Mapping[str, Any]] =
     fig = Figure(figsize=(7, 4.5), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    xs = [s.bitops / 1e9 for s in steps]
+    top = max([s.bitops for s in steps] + [u["bitops"] for u in uniform] or [1.0])
+    scale, unit = (1e9, "GBitOPs") if top >= 1e9 else (1e6, "MBitOPs")
+    xs = [s.bitops / scale for s in steps]
     ys = [100.0 * s.result.get("acc", float("nan")) for s in steps]
     ax.plot(xs, ys, "-o", markersize=3, linewidth=1.2, label="greedy path (mixed precision)")
     if uniform:
-        ax.plot([u["bitops"] / 1e9 for u in uniform], [100.0 * u["acc"] for u in uniform], "s",
+        ax.plot([u["bitops"] / scale for u in uniform], [100.0 * u["acc"] for u in uniform], "s",
                 color="tab:red", markersize=7, label="uniform W=A bits")
         for u in uniform:
-            ax.annotate(u["label"], (u["bitops"] / 1e9, 100.0 * u["acc"]), textcoords="offset points",
+            ax.annotate(u["label"], (u["bitops"] / scale, 100.0 * u["acc"]), textcoords="offset points",
                         xytext=(4, -10), fontsize=8, color="tab:red")
     if selected:
-        ax.plot([s["bitops"] / 1e9 for s in selected], [100.0 * s["acc"] for s in selected], "*",
+        ax.plot([s["bitops"] / scale for s in selected], [100.0 * s["acc"] for s in selected], "*",
                 color="tab:green", markersize=13, label="selected for budget")
-    ax.set_xlabel("GBitOPs")
+    ax.set_xlabel(unit)
     ax.set_ylabel("calibration accuracy (%)")
     ax.grid(True, alpha=0.3)
     ax.set_title(title or "mixed-precision search: accuracy vs BitOPs")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, format="png")

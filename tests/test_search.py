@@ -1,4 +1,5 @@
 """Greedy search on constructed cost/accuracy tables, and the evaluator on a tiny supernet."""
+import math
 import random
 
 import pytest
@@ -252,6 +253,26 @@ def test_evaluator_proxy_and_exact_counts():
     assert (c.eval_forwards, c.bn_forwards, c.proxy_forwards) == (3, 2, 1)
     assert (c.evaluations, c.proxy_evaluations, c.forwards) == (1, 1, 6)
     assert r["n"] == 96 and p["n"] == 32
+
+
+def test_paired_z_compares_configs_on_the_same_samples():
+    net = _tiny_supernet()
+    ds = _data()
+    ev = Evaluator(net, ds, batch_size=32, bn_batches=1)
+    a, b = mpq.uniform_config(net, 6, 6), mpq.uniform_config(net, 2, 2)
+    ra, rb = ev.exact(a), ev.exact(b)
+    assert ev.paired_z(a, a) == 0.0
+    za = ev.paired_z(a, b)
+    assert za == pytest.approx(-ev.paired_z(b, a))
+    d = (ev.samples[tuple(sorted((k, *v) for k, v in a.items()))]["correct"].double()
+         - ev.samples[tuple(sorted((k, *v) for k, v in b.items()))]["correct"].double())
+    assert d.numel() == 96 and float(d.mean()) == pytest.approx(ra["acc"] - rb["acc"])
+    if float(d.std()) > 0:
+        assert za == pytest.approx(float(d.mean() / (d.std() / math.sqrt(96))))
+    zl = ev.paired_z(a, b, "loss")
+    assert (zl > 0) == (ra["loss"] < rb["loss"])
+    with pytest.raises(KeyError):
+        ev.paired_z(a, mpq.uniform_config(net, 4, 4))
 
 
 def test_search_supernet_meets_the_budget_and_fast_costs_fewer_forwards():

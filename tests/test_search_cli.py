@@ -243,3 +243,35 @@ def test_split_data_calibrates_on_training_images_left_out_of_training():
     assert split_data(whole, 300, 0, 256, seed=0).calib_split == "val"
     with pytest.raises(UserError, match="left out of training"):
         split_data(whole, 300, 0, 256, seed=0, calib_split="train")
+
+
+def test_pick_config_keeps_the_uniform_config_unless_a_mixed_one_is_clearly_better():
+    from search.cli import pick_config
+    from search.greedy import Step
+
+    class FakeEvaluator:
+        def __init__(self, z):
+            self.z = z
+
+        def paired_z(self, a, b, what):
+            return self.z
+
+    u = lambda b, acc, bitops: {"bits": b, "label": f"W{b}A{b}", "config": {"l": (b, b)},
+                                "bitops": bitops, "acc": acc, "loss": 1 - acc}
+    uniform = [u(2, 0.80, 4.0), u(3, 0.85, 9.0), u(4, 0.86, 16.0)]
+    path = [Step(0, {"l": (4, 4)}, 16.0, 0.1, {"acc": 0.86, "loss": 0.14}, bitops=16.0),
+            Step(1, {"l": (4, 2)}, 8.0, 0.1, {"acc": 0.87, "loss": 0.13}, bitops=8.0),
+            Step(2, {"l": (2, 2)}, 4.0, 0.1, {"acc": 0.80, "loss": 0.2}, bitops=4.0)]
+    fit9 = lambda c: c["l"][0] * c["l"][1] <= 9
+    clear = pick_config(path, uniform, fit9, FakeEvaluator(3.0), margin=2.0)
+    assert clear["source"] == "path step 1" and clear["z_vs_uniform"] == 3.0
+    assert clear["uniform_ref"] == "W3A3"
+    unclear = pick_config(path, uniform, fit9, FakeEvaluator(1.0), margin=2.0)
+    assert unclear["config"] == {"l": (3, 3)} and unclear["source"].startswith("uniform W3A3")
+    assert pick_config(path, uniform, fit9, FakeEvaluator(1.0), margin=0)["source"] == "path step 1"
+    # the best is the uniform config itself: no test needed
+    fit16 = lambda c: c["l"][0] * c["l"][1] <= 16
+    worse_path = [Step(0, {"l": (4, 4)}, 16.0, 0.1, {"acc": 0.80, "loss": 0.3}, bitops=16.0)]
+    assert pick_config(worse_path, uniform, fit16, None)["source"] == "uniform W4A4"
+    assert pick_config(path, uniform, lambda c: False, None) == {}
+    assert pick_config(path, [], fit9, None)["source"] == "path step 1"
