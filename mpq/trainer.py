@@ -447,11 +447,33 @@ class Trainer:
         if not self.env.is_main:
             return
         os.makedirs(self.run_dir, exist_ok=True)
+        if self.global_step == 0:
+            self._clear_previous_run()
         with open(os.path.join(self.run_dir, "config.yaml"), "w", encoding="utf-8") as f:
             f.write(dump_config(self.cfg))
         from torch.utils.tensorboard import SummaryWriter
         self.writer = SummaryWriter(os.path.join(self.run_dir, "tb"),
                                     purge_step=self.global_step if self.global_step else None)
+
+    def _clear_previous_run(self) -> None:
+        """A fresh (not resumed) run in a folder that holds an earlier run: remove the earlier
+        checkpoints, metrics and TensorBoard events, so they cannot be mistaken for this run's (or be
+        kept by the checkpoint rotation in place of this run's)."""
+        import glob
+        old = sorted(ckpt_io.step_checkpoints(self.run_dir).values())
+        for name in (ckpt_io.LATEST, "metrics.jsonl"):
+            if os.path.isfile(os.path.join(self.run_dir, name)):
+                old.append(os.path.join(self.run_dir, name))
+        old += glob.glob(os.path.join(glob.escape(self.run_dir), "tb", "events.out.tfevents.*"))
+        if not old:
+            return
+        self._log(f"note: {self.run_dir} holds an earlier run; starting afresh and removing its "
+                  f"{len(old)} checkpoint/log file(s) (use --resume to continue a run instead)")
+        for p in old:
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
 
     def _scalar(self, tag: str, value: float, step: Optional[int] = None) -> None:
         if self.writer is not None:

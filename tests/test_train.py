@@ -194,3 +194,14 @@ def test_activation_calibration_matches_the_training_forward(tmp_path):
         clip = float(layer.a_quant.step[str(b)].detach().abs().max()) * qp
         clipped = float((seen[name].abs() > clip).float().mean())
         assert clipped < 0.2, (name, clipped)
+
+
+def test_a_fresh_run_replaces_an_earlier_run_in_the_same_folder(tmp_path):
+    Trainer(tiny_config(tmp_path, "train.epochs=2", "output.checkpoint_every=0")).fit()
+    run = tmp_path / "tiny"
+    assert (run / "ckpt-step00000016.pt").exists()
+    Trainer(tiny_config(tmp_path, "train.max_steps=3", "output.checkpoint_every=0")).fit()
+    assert sorted(f for f in os.listdir(run) if f.startswith("ckpt-step")) == ["ckpt-step00000003.pt"]
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    assert len(os.listdir(run / "tb")) == 1
+    assert load_supernet(str(run / "supernet.pt"))[1]["train_state"]["global_step"] == 3
