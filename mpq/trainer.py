@@ -446,7 +446,15 @@ class Trainer:
     def _open_outputs(self) -> None:
         if not self.env.is_main:
             return
-        os.makedirs(self.run_dir, exist_ok=True)
+        try:
+            os.makedirs(self.run_dir, exist_ok=True)
+            probe = os.path.join(self.run_dir, ".write-test")
+            with open(probe, "w"):
+                pass
+            os.unlink(probe)
+        except OSError as e:
+            raise UserError(f"output.dir: cannot write the run folder {self.run_dir!r} "
+                            f"({e.strerror or type(e).__name__})") from None
         if self.global_step == 0:
             self._clear_previous_run()
         with open(os.path.join(self.run_dir, "config.yaml"), "w", encoding="utf-8") as f:
