@@ -91,10 +91,10 @@ def safe_load(path: str, what: str = "checkpoint") -> Dict[str, Any]:
 
 def build_supernet(spec: Dict[str, Any]) -> nn.Module:
     """Recreate the (untrained) supernet described by a checkpoint's ``spec``."""
-    from .models import build_model
+    from .models import build_model_from_spec
     from .supernet import quantize_model
-    m, q = spec["model"], spec["quant"]
-    net = build_model(m["name"], num_classes=m["num_classes"], in_channels=m["in_channels"])
+    q = spec["quant"]
+    net = build_model_from_spec(spec["model"])
     return quantize_model(net, w_bits=q["w_bits"], a_bits=q["a_bits"], keep_8bit=q["keep_8bit"],
                           per_channel=q["per_channel"], bn=q["bn"])
 

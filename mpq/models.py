@@ -88,14 +88,17 @@ LOCAL_MODELS: Dict[str, Callable[..., nn.Module]] = {"resnet20": resnet20, "smal
 
 
 def build_model(name: str, num_classes: int = 1000, in_channels: int = 3,
-                pretrained: Optional[str] = None) -> nn.Module:
+                pretrained: Optional[str] = None, width: Optional[int] = None) -> nn.Module:
     """Build a float model: ``resnet20``, ``small_cnn`` or any torchvision classifier by name.
 
     ``pretrained`` is a local file with a float ``state_dict`` (loaded with ``weights_only=True``);
-    nothing is downloaded.
+    nothing is downloaded. ``width`` sets the base channel count of ``small_cnn`` (None: its default).
     """
+    if width is not None and name != "small_cnn":
+        raise UserError(f"model.width: only small_cnn has a width setting, not {name!r}; set it to null")
     if name in LOCAL_MODELS:
-        model = LOCAL_MODELS[name](num_classes=num_classes, in_channels=in_channels)
+        kwargs = {"width": int(width)} if width is not None else {}
+        model = LOCAL_MODELS[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
     else:
         import torchvision
         available = torchvision.models.list_models(module=torchvision.models)
@@ -119,3 +122,10 @@ def build_model(name: str, num_classes: int = 1000, in_channels: int = 3,
             raise UserError(f"model.pretrained: {pretrained!r} does not fit model {name!r}: "
                             f"{str(e).splitlines()[0]}") from None
     return model
+
+
+def build_model_from_spec(spec_model: Dict) -> nn.Module:
+    """The float model described by a checkpoint spec's ``model`` entry (name, num_classes,
+    in_channels and, for small_cnn, an optional width)."""
+    return build_model(spec_model["name"], num_classes=int(spec_model["num_classes"]),
+                       in_channels=int(spec_model["in_channels"]), width=spec_model.get("width"))

@@ -220,15 +220,29 @@ def random_config(model: nn.Module, generator: Optional[torch.Generator] = None,
 
 
 def calibrate_activations(model: nn.Module, batch: torch.Tensor) -> None:
-    """Initialise every activation step size (and its sign) from one batch, at the max config."""
+    """Initialise every activation step size (and its sign) from one batch, at the max config.
+
+    BatchNorm layers normalise with the batch's own statistics during this forward (as in a
+    training forward), so a fresh model's mean-0/var-1 running statistics cannot shrink the
+    activations the step sizes are fitted to; the running statistics are left unchanged.
+    """
     net = unwrap(model)
     saved = get_bits(net)
     set_bits(net, max_config(net))
     for layer in quant_layers(net).values():
         layer.a_quant.initialized.fill_(False)
     was_training = net.training
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bn_state = [{k: v.clone() for k, v in m.named_buffers(recurse=False)} for m in bns]
     net.eval()
-    with torch.no_grad():
-        net(batch)
-    net.train(was_training)
-    set_bits(net, saved)
+    for m in bns:
+        m.train()
+    try:
+        with torch.no_grad():
+            net(batch)
+    finally:
+        for m, state in zip(bns, bn_state):
+            for k, v in state.items():
+                getattr(m, k).copy_(v)
+        net.train(was_training)
+        set_bits(net, saved)

@@ -163,7 +163,7 @@ def _param_groups(net: nn.Module, extra: List[nn.Parameter], weight_decay: float
 def spec_of(cfg: Dict[str, Any], num_classes: int, in_channels: int, input_size) -> Dict[str, Any]:
     q = cfg["quant"]
     return {"model": {"name": cfg["model"]["name"], "num_classes": int(num_classes),
-                      "in_channels": int(in_channels)},
+                      "in_channels": int(in_channels), "width": cfg["model"]["width"]},
             "quant": {"w_bits": sorted(q["w_bits"]), "a_bits": sorted(q["a_bits"]),
                       "keep_8bit": list(q["keep_8bit"]), "per_channel": bool(q["per_channel"]),
                       "bn": q["bn"]},
@@ -257,7 +257,8 @@ class Trainer:
                             f"images, but data.name {d['name']!r} has {self.info.in_channels} channel(s); "
                             f"use small_cnn or resnet20")
         float_model = build_model(cfg["model"]["name"], num_classes=num_classes,
-                                  in_channels=self.info.in_channels, pretrained=cfg["model"]["pretrained"])
+                                  in_channels=self.info.in_channels, pretrained=cfg["model"]["pretrained"],
+                                  width=cfg["model"]["width"])
         try:
             self.net = quantize_model(float_model, w_bits=q["w_bits"], a_bits=q["a_bits"],
                                       keep_8bit=q["keep_8bit"], per_channel=q["per_channel"], bn=q["bn"])
@@ -268,14 +269,6 @@ class Trainer:
         if t["channels_last"]:
             self.net.to(memory_format=torch.channels_last)
         calib = self._to_device(self.calib_batch)
-        if not cfg["model"]["pretrained"]:
-            # Fresh BatchNorms hold mean 0 / var 1, so an eval-mode calibration forward would see
-            # activations that shrink layer by layer, and the activation step sizes would come out
-            # orders of magnitude too small for the (batch-normalised) training forward: everything
-            # clips and nothing learns. Estimate the BN statistics of the max config on the
-            # calibration batch first.
-            set_bits(self.net, max_config(self.net))
-            recalibrate_bn(self.net, [(calib,)], 1)
         calibrate_activations(self.net, calib)
         broadcast_module(self.net, env)
         self.model = torch.compile(self.net) if t["compile"] else self.net

@@ -318,9 +318,9 @@ def fixed_from_payload(payload: Mapping[str, Any], model: Optional[nn.Module] = 
         if not spec or "model" not in spec:
             raise UserError("exported model: it carries no model spec; pass the float architecture "
                             "as load_fixed(path, model=...)")
-        from mpq.models import build_model
+        from mpq.models import build_model_from_spec
         m = spec["model"]
-        model = build_model(m["name"], num_classes=int(m["num_classes"]), in_channels=int(m["in_channels"]))
+        model = build_model_from_spec(m)
     for name, entry in payload["layers"].items():
         try:
             old = model.get_submodule(name)

@@ -155,7 +155,8 @@ def test_end_to_end_run_folder(tmp_path):
     net, ckpt = load_supernet(str(run / "supernet.pt"))
     assert ckpt["format"] == "mpq-supernet" and ckpt["train_state"]["global_step"] == 16
     assert ckpt["config"]["data"]["name"] == "fashion_mnist" and ckpt["config"]["data"]["seed"] == 0
-    assert ckpt["spec"]["model"] == {"name": "small_cnn", "num_classes": 10, "in_channels": 1}
+    assert ckpt["spec"]["model"] == {"name": "small_cnn", "num_classes": 10, "in_channels": 1,
+                                    "width": None}
     assert ckpt["spec"]["input_size"] == [1, 1, 28, 28]
     assert set(ckpt["allowed"]) == set(quant_layers(net))
     # the loaded supernet answers like the trained one at the max config
@@ -175,8 +176,8 @@ def test_tensorboard_scalars(tmp_path):
 
 
 def test_activation_calibration_matches_the_training_forward(tmp_path):
-    # From scratch, BN running stats are mean 0 / var 1; the trainer estimates them before the
-    # activation calibration, so the train-mode activations mostly fall inside the clip range.
+    # From scratch, BN running stats are mean 0 / var 1; the activation calibration normalises with
+    # batch statistics, so the train-mode activations mostly fall inside the clip range.
     tr = Trainer(tiny_config(tmp_path))
     net = tr.net
     mpq.set_bits(net, mpq.max_config(net))
