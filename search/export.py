@@ -258,11 +258,30 @@ def fixed_payload(net: nn.Module, config: Optional[Mapping[str, Sequence[int]]] 
             skipped.add(name)
             continue
         state.update(_direct_state(module, f"{name}." if name else ""))
+    _share_storage(entries)
     return {"format": FORMAT, "version": VERSION,
             "spec": _plain(spec) if spec is not None else None,
             "config": {n: [int(w), int(a)] for n, (w, a) in config.items()},
             "layers": entries, "folded": folded, "state": state,
             "meta": _plain(meta) if meta is not None else {}}
+
+
+def _share_storage(entries: Dict[str, Dict[str, Any]]) -> None:
+    """Make the layers' tensors views of one buffer per dtype, in place: ``torch.save`` then writes
+    one storage per dtype instead of one file record (with its alignment padding) per tensor, which
+    is most of the overhead of a small model's file."""
+    groups: Dict[torch.dtype, list] = {}
+    for name, entry in entries.items():
+        for key, t in entry.items():
+            if isinstance(t, torch.Tensor):
+                groups.setdefault(t.dtype, []).append((name, key, t))
+    for dtype, items in groups.items():
+        flat = torch.cat([t.detach().reshape(-1) for _, _, t in items]) if items else None
+        offset = 0
+        for name, key, t in items:
+            n = t.numel()
+            entries[name][key] = flat[offset:offset + n].view(t.shape)
+            offset += n
 
 
 def _plain(obj: Any) -> Any:
