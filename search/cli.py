@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int, default=2, help="fast strategy: moves checked exactly per step")
     s.add_argument("--refresh", type=int, default=0,
                    help="fast strategy: re-measure all proxy deltas every N steps (0: only the moved layer's)")
-    s.add_argument("--proxy-batches", type=int, default=1, help="fast strategy: batches of the proxy evaluation")
+    s.add_argument("--proxy-batches", type=int, default=4,
+                   help="fast strategy: calibration batches of the proxy evaluation (at most all of them)")
     s.add_argument("--score", choices=("ratio", "reference"), default="ratio",
                    help="ratio: metric increase per BitOPs saved; reference: 1.5*err/max_err - (1 - bitops/max_bitops)")
     s.add_argument("--metric", choices=("loss", "err"), default="loss",

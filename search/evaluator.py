@@ -34,6 +34,7 @@ from mpq.supernet import set_bits, unwrap
 
 DEFAULT_BN_BATCHES = 8
 DEFAULT_BATCH_SIZE = 256
+DEFAULT_PROXY_BATCHES = 4
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 Data = Union[Dataset, Iterable]
@@ -336,9 +337,9 @@ class Evaluator:
 
     * :meth:`exact`: the whole calibration set (this rank's shard, all-reduced), BN re-calibrated on
       the BN batches first when the supernet shares BN;
-    * :meth:`proxy`: the first ``proxy_batches`` calibration batches (the same on every rank, no
-      communication) with batch-statistics BN (shared BN) or the stored statistics (switchable BN):
-      one forward pass per batch, no re-calibration; used to pre-rank greedy moves.
+    * :meth:`proxy`: the first ``proxy_batches`` calibration batches (default 4; the same on every
+      rank, no communication) with batch-statistics BN (shared BN) or the stored statistics
+      (switchable BN): one forward pass per batch, no re-calibration; used to pre-rank greedy moves.
 
     Results are returned as ``{"acc", "loss", "n"}``; forward passes are counted in ``counter``.
 
@@ -350,8 +351,9 @@ class Evaluator:
 
     def __init__(self, net: nn.Module, calib: Data, bn_data: Optional[Data] = None, *,
                  batch_size: int = DEFAULT_BATCH_SIZE, bn_batches: int = DEFAULT_BN_BATCHES,
-                 proxy_batches: int = 1, device=None, recalibrate: Optional[bool] = None,
-                 counter: Optional[ForwardCounter] = None, workers: int = 0) -> None:
+                 proxy_batches: int = DEFAULT_PROXY_BATCHES, device=None,
+                 recalibrate: Optional[bool] = None, counter: Optional[ForwardCounter] = None,
+                 workers: int = 0) -> None:
         self.net = unwrap(net)
         self.device = _device_of(self.net, device)
         self.batch_size = batch_size

@@ -20,8 +20,9 @@ set) or ``"err"`` (``1 - accuracy``).
 Strategies:
 
 * ``"naive"``: every iteration evaluates every move exactly (whole calibration set, BN re-calibrated);
-* ``"fast"`` (default): moves are pre-ranked by a cheap *proxy* (one batch, batch-statistics BN: one
-  forward pass per move) and only the best ``top_k`` are evaluated exactly; the proxy deltas are
+* ``"fast"`` (default): moves are pre-ranked by a cheap *proxy* (a few calibration batches with
+  batch-statistics BN: no BN re-calibration, one forward pass per batch) and only the best ``top_k``
+  are evaluated exactly; the proxy deltas are
   *lazy*: a move's proxy delta is re-measured only when its layer changed (or every ``refresh``
   iterations when ``refresh > 0``), the others reuse the previous measurement. Exact results are
   memoised by configuration.

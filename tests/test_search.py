@@ -286,7 +286,7 @@ def test_search_supernet_meets_the_budget_and_fast_costs_fewer_forwards():
     budget = cost.bitops(mpq.uniform_config(net, 4, 4))
     out = {}
     for strategy in ("naive", "fast"):
-        ev = Evaluator(net, ds, batch_size=32, bn_batches=1)
+        ev = Evaluator(net, ds, batch_size=32, bn_batches=1, proxy_batches=1)
         res = search_supernet(net, ev, cost, max_bitops=budget, strategy=strategy)
         assert res.final.bitops <= budget
         assert all(s.bitops > budget for s in res.path[:-1])
