@@ -5,8 +5,8 @@
     python benchmarks/quality.py --repeats 5 --epochs 3 --train-subset 30000 --sections 1,2
 
 Four questions, each answered over ``--repeats`` seeds (mean +- sample standard deviation, and a
-verdict from the paired per-seed differences: "better"/"worse" when the mean difference is more than
-two standard errors away from 0, else "within noise"):
+verdict from the paired per-seed differences: "better"/"worse" when a two-sided paired t-test rejects
+"no difference" at 95%, else "within noise"):
 
 1. **Search vs uniform.** The embedded-default supernet (``mpq.config`` defaults: sandwich sampling,
    in-place distillation, IDM, bit-width freezing scheduler) is trained once; one greedy walk
@@ -121,9 +121,19 @@ def fmt(values: Sequence[float], digits: int = 2) -> str:
     return f"{m:.{digits}f}" if s is None else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
+def t_critical(df: int) -> float:
+    """Two-sided 95% critical value of Student's t with ``df`` degrees of freedom."""
+    try:
+        from scipy.stats import t
+        return float(t.ppf(0.975, df))
+    except ImportError:  # scipy is a dependency; the table is a fallback
+        table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+        return table.get(df, 2.228 if df < 20 else 1.96)
+
+
 def verdict(diffs: Sequence[float]) -> str:
-    """'better' / 'worse' when the mean paired difference is more than 2 standard errors from 0 (with
-    one repeat: its sign, marked), else 'within noise'."""
+    """'better' / 'worse' when a paired two-sided t-test of the per-seed differences rejects 'no
+    difference' at 95%, else 'within noise' (with one repeat: the sign, marked '(1 repeat)')."""
     d = [float(v) for v in diffs]
     if not d:
         return "n/a"
@@ -131,7 +141,7 @@ def verdict(diffs: Sequence[float]) -> str:
     if len(d) == 1:
         return ("better" if m > 0 else "worse" if m < 0 else "equal") + " (1 repeat)"
     se = statistics.stdev(d) / math.sqrt(len(d))
-    if abs(m) <= 2 * se or m == 0:
+    if m == 0 or abs(m) <= t_critical(len(d) - 1) * se:
         return "within noise"
     return "better" if m > 0 else "worse"
 
@@ -701,10 +711,10 @@ def summarize(s, runs, sections) -> Dict[str, Any]:
                    "max_acc": [r["uniform"]["6"]["acc"] for r in rs],
                    "w4a4_acc": [r["uniform"]["4"]["acc"] for r in rs],
                    "train_s": [r["train_s"] for r in rs]}
-            base = [sup[("plain", r["seed"])] for r in rs if ("plain", r["seed"]) in sup]
-            if v != "plain" and len(base) == len(rs):
-                row["min_diff_vs_plain"] = [r["uniform"]["2"]["acc"] - p["uniform"]["2"]["acc"] for r, p in zip(rs, base)]
-                row["max_diff_vs_plain"] = [r["uniform"]["6"]["acc"] - p["uniform"]["6"]["acc"] for r, p in zip(rs, base)]
+            paired = [(r, sup[("plain", r["seed"])]) for r in rs if ("plain", r["seed"]) in sup]
+            if v != "plain" and paired:   # paired by seed
+                row["min_diff_vs_plain"] = [r["uniform"]["2"]["acc"] - p["uniform"]["2"]["acc"] for r, p in paired]
+                row["max_diff_vs_plain"] = [r["uniform"]["6"]["acc"] - p["uniform"]["6"]["acc"] for r, p in paired]
                 row["min_verdict"] = verdict(row["min_diff_vs_plain"])
                 row["max_verdict"] = verdict(row["max_diff_vs_plain"])
             rows.append(row)
@@ -748,9 +758,10 @@ def markdown(result: Dict[str, Any]) -> str:
     sizes = sorted({r.get("test_size") for rs in result["runs"].values() for r in rs if r.get("test_size")})
     lines = [f"Fashion-MNIST, SmallCNN, {s['epochs']} epoch(s) on {s['train_subset'] or 'all'} training "
              f"images, {'/'.join(map(str, sizes)) or '?'} held-out test images, {n} seed(s): mean ± std (%). "
-             f"Verdicts from paired per-seed differences (2 standard errors). "
-             f"Runtime {result['runtime_s'] / 60:.1f} min ({s['jobs']} jobs x {s['threads']} thread; "
-             f"{cpu / 60:.1f} CPU-min in the tasks).", ""]
+             f"Verdicts: paired t-test of the per-seed differences at 95%. "
+             + (f"Runtime {result['runtime_s'] / 60:.1f} min" if result.get("runtime_s") is not None
+                else "PARTIAL results (run still going or interrupted)")
+             + f" ({s['jobs']} jobs x {s['threads']} thread; {cpu / 60:.1f} CPU-min in the tasks).", ""]
     if "search_vs_uniform" in sm:
         lines += ["### 1. Searched mixed precision vs uniform, same supernet, equal BitOPs", "",
                   "searched = the best greedy-path point within the budget by calibration accuracy; "
@@ -873,6 +884,8 @@ def parse_args(argv=None) -> Tuple[Dict[str, Any], argparse.Namespace]:
     p.add_argument("--out", default=os.path.join(RESULTS, "quality.json"), help="JSON output")
     p.add_argument("--markdown", default=os.path.join(RESULTS, "quality.md"), help="markdown output")
     p.add_argument("--plot", default=os.path.join(RESULTS, "pareto.png"), help="Pareto plot PNG")
+    p.add_argument("--report", metavar="JSON",
+                   help="train nothing: print the tables of a written (or partial: <out>.partial) JSON")
     a = p.parse_args(argv)
     s = dict(d)
     if a.quick:
@@ -910,8 +923,21 @@ def parse_args(argv=None) -> Tuple[Dict[str, Any], argparse.Namespace]:
     return s, a
 
 
+def report(path: str) -> int:
+    """Print the tables of a result JSON (a finished one, or the ``.partial`` of a running one)."""
+    with open(path, encoding="utf-8") as f:
+        result = json.load(f)
+    if result.get("partial") or "summary" not in result:
+        result["summary"] = summarize(result["settings"], result["runs"], set(result["settings"]["sections"]))
+        result.setdefault("runtime_s", None)
+    print(markdown(result))
+    return 0
+
+
 def main(argv=None) -> int:
     s, a = parse_args(argv)
+    if a.report:
+        return report(a.report)
     print(f"quality benchmark: sections {s['sections']}, {s['repeats']} seed(s), {s['epochs']} epoch(s), "
           f"train subset {s['train_subset']}, {s['jobs']} job(s) x {s['threads']} thread(s)", flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
