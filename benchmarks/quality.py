@@ -927,9 +927,8 @@ def report(path: str) -> int:
     """Print the tables of a result JSON (a finished one, or the ``.partial`` of a running one)."""
     with open(path, encoding="utf-8") as f:
         result = json.load(f)
-    if result.get("partial") or "summary" not in result:
-        result["summary"] = summarize(result["settings"], result["runs"], set(result["settings"]["sections"]))
-        result.setdefault("runtime_s", None)
+    result["summary"] = summarize(result["settings"], result["runs"], set(result["settings"]["sections"]))
+    result.setdefault("runtime_s", None)
     print(markdown(result))
     return 0
 
