@@ -546,6 +546,7 @@ def run(args) -> int:
                     "searched_bitops": cost.bitops(chosen["config"]) if chosen else None,
                     "searched_accuracy": sr["acc"] if sr else None,
                     "searched_source": chosen.get("source") if chosen else None,
+                    "searched_z_vs_uniform": chosen.get("z_vs_uniform") if chosen else None,
                     "searched_layers": ({n: [int(w), int(a)] for n, (w, a) in chosen["config"].items()}
                                         if chosen else None)})
             cmp_bar.close()
