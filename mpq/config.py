@@ -26,7 +26,7 @@ model:
   name: small_cnn            # small_cnn | resnet20 | any torchvision classifier (resnet18, mobilenet_v2, ...)
   pretrained: null           # local float state_dict to start from (nothing is downloaded)
   num_classes: null          # null: from the data set
-  width: null                # small_cnn base channels (null: 16)
+  width: null                # small_cnn base channels (null: 8)
 data:
   name: fashion_mnist        # fashion_mnist | cifar10 | cifar100 | imagenet
   root: null                 # null: /usr/share/datasets/fashion-mnist (fashion_mnist only)
@@ -166,7 +166,7 @@ SCHEMA: Dict[str, Dict[str, Field]] = {
         "name": Field("str", "small_cnn | resnet20 | any torchvision classifier name"),
         "pretrained": Field("str", "local float state_dict file", nullable=True),
         "num_classes": Field("int", "classes (null: from the data set)", nullable=True, check=_ge(2)),
-        "width": Field("int", "small_cnn base channels (null: its default)", nullable=True, check=_ge(1)),
+        "width": Field("int", "small_cnn base channels (null: 8)", nullable=True, check=_ge(1)),
     },
     "data": {
         "name": Field("str", "data set", choices=("fashion_mnist", "cifar10", "cifar100", "imagenet")),

@@ -60,15 +60,17 @@ def resnet20(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
 
 
 class SmallCNN(nn.Module):
-    """The embedded default's model: a 6-layer CNN for 28x28 grey images (~75k parameters).
+    """The embedded default's model: a 6-layer CNN for 28x28 grey images (~19k parameters at the
+    default width 8; channels w, 2w, 2w, 4w, 4w).
 
-    Small on purpose: at 2 bits it loses measurable accuracy against 6 bits, so the search has
-    something to decide, and one epoch of supernet training fits in minutes on 2 CPU cores.
+    Small on purpose: at 2 bits it loses measurable accuracy against 6 bits (about 2 points on
+    Fashion-MNIST, where width 16 loses only ~0.2), so the search has something to decide, and an
+    epoch of supernet training takes a few minutes on 2 CPU cores.
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 16) -> None:
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 8) -> None:
         super().__init__()
-        w = width
+        self.width = w = width
 
         def block(cin: int, cout: int, stride: int) -> nn.Sequential:
             return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False),

@@ -265,6 +265,9 @@ class Trainer:
         except ValueError as e:
             raise UserError(f"quant.{e}") from None
         self.spec = spec_of(cfg, num_classes, self.info.in_channels, self.info.input_size)
+        # Record the width actually built, so the checkpoint does not depend on a later default.
+        if cfg["model"]["name"] == "small_cnn":
+            self.spec["model"]["width"] = float_model.width
         self.net.to(self.device)
         if t["channels_last"]:
             self.net.to(memory_format=torch.channels_last)
