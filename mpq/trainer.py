@@ -48,6 +48,9 @@ from .models import build_model
 from .supernet import (calibrate_activations, get_bits, max_config, min_config, quant_layers,
                        quantize_model, random_config, set_bits, uniform_config, unwrap)
 
+# One definition of BN re-calibration for training-time and search-time accuracies.
+from search.evaluator import recalibrate_bn  # noqa: E402
+
 
 class TrainingInterrupted(Exception):
     """Raised after SIGTERM/SIGINT once rank 0 has written a checkpoint."""
@@ -58,49 +61,6 @@ class TrainingInterrupted(Exception):
 
 
 # ----------------------------------------------------------------------------- helpers
-@torch.no_grad()
-def recalibrate_bn(net: nn.Module, loader, num_batches: int) -> None:
-    """Re-estimate the running statistics of every BatchNorm of ``net`` at its active config on
-    ``num_batches`` batches of ``loader`` (cumulative average, BN in train mode and everything else in
-    eval mode, no gradient). Leaves ``net`` in eval mode. Used only when ``search.evaluator`` (the
-    search side's identical definition) is not importable."""
-    net = unwrap(net)
-    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns or num_batches <= 0:
-        net.eval()
-        return
-    momenta = [m.momentum for m in bns]
-    net.eval()
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-        m.train()
-    device = next(net.parameters()).device
-    try:
-        for i, batch in enumerate(loader):
-            if i >= num_batches:
-                break
-            net(batch[0].to(device, non_blocking=True))
-    finally:
-        for m, mom in zip(bns, momenta):
-            m.momentum = mom
-        net.eval()
-
-
-def _recalibrate(net, loader, num_batches):
-    """Prefer the search side's implementation when it exists (one definition of BN re-calibration
-    for training-time and search-time numbers); fall back to :func:`recalibrate_bn`."""
-    try:
-        from search.evaluator import recalibrate_bn as search_recalibrate
-    except Exception:  # noqa: BLE001 - not there yet / search side not installed
-        search_recalibrate = None
-    if search_recalibrate is not None:
-        search_recalibrate(net, loader, num_batches)
-        net.eval()
-    else:
-        recalibrate_bn(net, loader, num_batches)
-
-
 def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
     """Linear warm-up to ``lr`` over ``warmup`` steps, then cosine decay to ``min_lr`` at ``total``."""
     if warmup > 0 and step < warmup:
@@ -611,7 +571,7 @@ class Trainer:
                     continue
                 set_bits(net, c)
                 if self.cfg["quant"]["bn"] == "shared" and nrecal > 0:
-                    _recalibrate(net, self.recal_loader, nrecal)
+                    recalibrate_bn(net, self.recal_loader, nrecal)
                 acc, loss = self._accuracy()
                 results[name] = {"acc": acc, "loss": loss}
                 done.append((c, results[name]))
