@@ -91,42 +91,58 @@ def bench_train_step(kernels: List[str]) -> List[Dict]:
 
 
 def bench_export() -> List[Dict]:
-    try:
-        from search.export import export, load_fixed
-    except ImportError as e:
-        return [{"skipped": f"export not available: {e}"}]
     import tempfile
+    from search.export import export, load_fixed
     rows = []
     for name in ("resnet18", "small_cnn"):
         float_net, supernet, x, _ = make_pair(name)
         float_net.eval()
         supernet.eval()
+        spec = {"model": {"name": name, "num_classes": 10, "in_channels": int(x.shape[1])},
+                "input_size": [1, *x.shape[1:]]}
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "fixed.pt")
-            export(supernet, mpq.get_bits(supernet), path, spec={
-                "model": {"name": name, "num_classes": 10, "in_channels": x.shape[1]},
-                "input_size": [1, *x.shape[1:]]}) if _export_takes_spec(export) else export(supernet, mpq.get_bits(supernet), path)
+            export(supernet, mpq.get_bits(supernet), path, spec=spec)
             fixed = load_fixed(path).eval()
         with torch.inference_mode():
             tf1 = median_time(lambda: float_net(x))
             tx = median_time(lambda: fixed(x))
+            ts = median_time(lambda: supernet(x))
             tf2 = median_time(lambda: float_net(x))
         tf = min(tf1, tf2)
-        rows.append({"model": name, "float_ms": tf * 1e3, "fixed_ms": tx * 1e3, "ratio": tx / tf})
+        rows.append({"model": name, "batch": int(x.shape[0]), "float_ms": tf * 1e3, "fixed_ms": tx * 1e3,
+                     "supernet_eval_ms": ts * 1e3, "ratio": tx / tf})
     return rows
 
 
-def _export_takes_spec(fn) -> bool:
-    import inspect
-    return "spec" in inspect.signature(fn).parameters
-
-
-def bench_search() -> List[Dict]:
-    try:
-        from search import greedy  # noqa: F401
-    except ImportError as e:
-        return [{"skipped": f"search not available: {e}"}]
-    return [{"skipped": "see bench_search_impl"}]
+def bench_search(calib_batches: int = 2, batch_size: int = 16) -> List[Dict]:
+    """Greedy search of a ResNet-18 supernet (10 classes, 32x32 inputs, BitOPs at 224x224) down to
+    the uniform W3A3 BitOPs on a small random calibration set: fast strategy vs naive greedy."""
+    import torchvision
+    from search.evaluator import Evaluator
+    from search.greedy import CostModel, search_supernet
+    torch.manual_seed(0)
+    net = mpq.quantize_model(torchvision.models.resnet18(num_classes=10))
+    n = calib_batches * batch_size
+    x, y = torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,))
+    mpq.calibrate_activations(net, x[:batch_size])
+    net.eval()
+    batches = [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, n, batch_size)]
+    cost = CostModel(net, (1, 3, 224, 224))
+    budget = cost.bitops(mpq.uniform_config(net, 3, 3))
+    rows = []
+    for strategy in ("naive", "fast"):
+        ev = Evaluator(net, batches, batches, batch_size=batch_size, bn_batches=calib_batches)
+        t = time.perf_counter()
+        res = search_supernet(net, ev, cost, max_bitops=budget, strategy=strategy)
+        wall = time.perf_counter() - t
+        final = res.final
+        rows.append({"strategy": strategy, "budget_G": budget / 1e9, "steps": len(res.path) - 1,
+                     "forward_passes": ev.counter.forwards, "wall_s": wall,
+                     "final_bitops_G": final.bitops / 1e9, "final_calib_loss": float(final.result["loss"])})
+    rows[1]["passes_vs_naive"] = rows[1]["forward_passes"] / rows[0]["forward_passes"]
+    rows[0]["passes_vs_naive"] = 1.0
+    return rows
 
 
 CHILD = r"""
@@ -173,7 +189,7 @@ def print_table(title: str, rows: List[Dict]) -> None:
     print(f"\n## {title}")
     if not rows:
         return
-    keys = list(rows[0].keys())
+    keys = list(dict.fromkeys(k for r in rows for k in r))
     print("| " + " | ".join(keys) + " |")
     print("|" + "---|" * len(keys))
     for r in rows:

@@ -92,10 +92,22 @@ class _FixedMixin:
         self.register_buffer("weight_scale", scale)
         self.register_buffer("bias", bias)
         self.register_buffer("act_step", act_step)
+        # ``codes * scale`` is computed once and kept (not saved: the file holds the packed codes),
+        # so inference costs what the float model costs plus the activation fake-quant.
+        self.register_buffer("weight_dq", None, persistent=False)
+        self._dq_versions = None
 
     def dequantized_weight(self) -> torch.Tensor:
-        """``codes * scale`` (BN folded into the scale where it was folded)."""
-        return self.weight_codes.to(self.weight_scale.dtype) * self.weight_scale
+        """``codes * scale`` (BN folded into the scale where it was folded); cached until the codes
+        or the scale change."""
+        versions = (self.weight_codes._version, self.weight_scale._version,
+                    self.weight_codes.data_ptr(), self.weight_scale.data_ptr())
+        if self.weight_dq is None or self._dq_versions != versions or torch.is_grad_enabled():
+            w = self.weight_codes.to(self.weight_scale.dtype) * self.weight_scale
+            if torch.is_grad_enabled():
+                return w
+            self.weight_dq, self._dq_versions = w, versions
+        return self.weight_dq
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_step is None:
