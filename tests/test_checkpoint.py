@@ -11,22 +11,7 @@ from mpq.checkpoint import atomic_save, find_latest, load_supernet, safe_load, s
 from mpq.cli import main
 from mpq.config import load_config
 from mpq.trainer import Trainer
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny_config(tmp_path, *extra, name="tiny"):
-    return load_config(None, [
-        "data.train_subset=128", "data.val_subset=64", "data.batch_size=32", "data.eval_batch_size=64",
-        "train.epochs=1", "train.warmup_epochs=0", "train.num_random=1", f"output.dir={tmp_path}",
-        f"output.name={name}", "output.progress=false", "eval.bn_recalib_batches=1",
-        "eval.random_configs=0", "eval.uniform_bits=[]", *extra])
+from support import tiny_config
 
 
 class MakesMarker:

@@ -11,6 +11,7 @@ from torch import nn
 
 import mpq
 from mpq.checkpoint import atomic_save, build_supernet, load_supernet
+from support import make_checkpoint
 from mpq.errors import UserError
 from mpq.layers import SwitchableBatchNorm2d
 from mpq.quantizer import LsqQuantizer, integer_codes
@@ -19,42 +20,6 @@ from search.export import (FixedConv2d, FixedLinear, export, fixed_payload, floa
                            load_fixed, pack_codes, unpack_codes)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def make_checkpoint(path, bn="shared", steps=15, seed=0):
-    """A briefly trained embedded-default-shaped supernet (small_cnn on Fashion-MNIST) saved in the
-    trainer's checkpoint format."""
-    from mpq.data import build_datasets
-    torch.manual_seed(seed)
-    spec = {"model": {"name": "small_cnn", "num_classes": 10, "in_channels": 1},
-            "quant": {"w_bits": [2, 3, 4, 5, 6], "a_bits": [2, 3, 4, 5, 6], "keep_8bit": ["first", "last"],
-                      "per_channel": True, "bn": bn},
-            "input_size": [1, 1, 28, 28]}
-    net = build_supernet(spec)
-    info = build_datasets("fashion_mnist", seed=seed, train_subset=64 * steps)
-    loader = torch.utils.data.DataLoader(info.train, batch_size=64, shuffle=True,
-                                         generator=torch.Generator().manual_seed(seed))
-    mpq.calibrate_activations(net, next(iter(loader))[0])
-    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-    net.train()
-    for x, y in loader:
-        opt.zero_grad()
-        for cfg in (mpq.max_config(net), mpq.min_config(net)):
-            mpq.set_bits(net, cfg)
-            F.cross_entropy(net(x), y).backward()
-        opt.step()
-    net.eval()
-    atomic_save({"format": "mpq-supernet", "version": 1, "spec": spec, "model": net.state_dict(),
-                 "config": {"data": {"name": "fashion_mnist", "root": None, "seed": seed}}}, path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,6 @@ from mpq.config import load_config
 from mpq.trainer import Trainer, TrainingInterrupted
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def config(tmp_path, name, *extra):
     # every stateful feature on: distillation, IDM, bit-width scheduler (updates every 2 steps),
     # Quant-Noise (global RNG), AQT (calibrates at step 5), SGD momentum, warm-up + cosine LR

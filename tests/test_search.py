@@ -15,13 +15,6 @@ from search.greedy import CostModel, Move, down_moves, greedy_search, search_sup
 BITS = (2, 3, 4, 5, 6)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest and immune to an oversubscribed machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ------------------------------------------------------------------------------ constructed tables

@@ -12,24 +12,15 @@ from mpq.config import load_config
 from mpq.supernet import quant_layers
 from mpq.trainer import Trainer, lr_at
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the tests stay fast on a busy 2-core machine (no OpenMP spin-waits)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+import support
 
 
 def tiny_config(tmp_path, *extra, name="tiny"):
     """A seconds-long config: 256 Fashion-MNIST samples, batch 32, small held-out set."""
-    return load_config(None, [
-        "data.train_subset=256", "data.val_subset=128", "data.batch_size=32", "data.eval_batch_size=128",
-        "train.epochs=1", "train.lr=0.05", "train.warmup_epochs=0", f"output.dir={tmp_path}",
-        f"output.name={name}", "output.progress=false", "output.log_every=1",
-        "eval.bn_recalib_batches=2", "eval.random_configs=1", "eval.uniform_bits=[2,4]",
-        "train.num_random=1", *extra])
+    return support.tiny_config(tmp_path, "data.train_subset=256", "data.val_subset=128",
+                               "data.eval_batch_size=128", "train.lr=0.05", "output.log_every=1",
+                               "eval.bn_recalib_batches=2", "eval.random_configs=1",
+                               "eval.uniform_bits=[2,4]", *extra, name=name)
 
 
 def first_batch(trainer):
