@@ -1,7 +1,7 @@
 """Quality benchmark on the embedded data set (Fashion-MNIST, SmallCNN): every figure is measured.
 
-    python benchmarks/quality.py                        # full run (~45 min on 2 CPU cores)
-    python benchmarks/quality.py --quick                # smoke run (a few minutes)
+    python benchmarks/quality.py                        # full run (48.6 CPU-min: ~25-30 min on 2 idle cores)
+    python benchmarks/quality.py --quick                # smoke run (~1.5 min)
     python benchmarks/quality.py --repeats 5 --epochs 3 --train-subset 30000 --sections 1,2
 
 Four questions, each answered over ``--repeats`` seeds (mean +- sample standard deviation, and a
