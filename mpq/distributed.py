@@ -165,22 +165,22 @@ def average_buffers(module: nn.Module, env: DistEnv) -> None:
             b.div_(env.world_size)
 
 
-def all_reduce_sum(values: List[float], env: DistEnv) -> List[float]:
-    """Sum a list of numbers over the ranks (float64)."""
+def _all_reduce_list(values: List[float], env: DistEnv, op) -> List[float]:
     if not env.distributed:
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=env.device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    dist.all_reduce(t, op=op)
     return t.tolist()
+
+
+def all_reduce_sum(values: List[float], env: DistEnv) -> List[float]:
+    """Sum a list of numbers over the ranks (float64)."""
+    return _all_reduce_list(values, env, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(values: List[float], env: DistEnv) -> List[float]:
     """Element-wise maximum of a list of numbers over the ranks (float64)."""
-    if not env.distributed:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=env.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
+    return _all_reduce_list(values, env, dist.ReduceOp.MAX)
 
 
 def any_rank(flag: bool, env: DistEnv) -> bool:

@@ -194,6 +194,28 @@ def _direct_state(module: nn.Module, prefix: str) -> Dict[str, torch.Tensor]:
     return out
 
 
+def _plain_state(net: nn.Module, skipped: set, float_layers: Optional[Mapping[str, nn.Module]] = None
+                 ) -> Dict[str, torch.Tensor]:
+    """The float state of every module outside ``skipped`` (name prefixes): the active BN of a
+    switchable BN, and for the layers in ``float_layers`` only their float weight and bias."""
+    state: Dict[str, torch.Tensor] = {}
+    for name, module in net.named_modules():
+        if any(name == p or name.startswith(p + ".") for p in skipped):
+            continue
+        if float_layers is not None and name in float_layers:
+            state[f"{name}.weight"] = module.weight.detach().cpu()
+            if module.bias is not None:
+                state[f"{name}.bias"] = module.bias.detach().cpu()
+            skipped.add(name)
+            continue
+        if isinstance(module, SwitchableBatchNorm2d):
+            state.update(_direct_state(module.current(), f"{name}."))
+            skipped.add(name)
+            continue
+        state.update(_direct_state(module, f"{name}." if name else ""))
+    return state
+
+
 def fixed_payload(net: nn.Module, config: Optional[Mapping[str, Sequence[int]]] = None,
                   spec: Optional[Mapping[str, Any]] = None, fold_bn: bool = True,
                   meta: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
@@ -260,16 +282,7 @@ def fixed_payload(net: nn.Module, config: Optional[Mapping[str, Sequence[int]]] 
             entry.update({"in_features": layer.in_features, "out_features": layer.out_features})
         entries[name] = entry
     # everything else: the float state of the modules that are neither quantized layers nor folded BNs
-    state: Dict[str, torch.Tensor] = {}
-    skipped = set(skip_prefixes)
-    for name, module in net.named_modules():
-        if any(name == p or name.startswith(p + ".") for p in skipped if p):
-            continue
-        if isinstance(module, SwitchableBatchNorm2d):
-            state.update(_direct_state(module.current(), f"{name}."))
-            skipped.add(name)
-            continue
-        state.update(_direct_state(module, f"{name}." if name else ""))
+    state = _plain_state(net, set(p for p in skip_prefixes if p))
     _share_storage(entries)
     return {"format": FORMAT, "version": VERSION,
             "spec": _plain(spec) if spec is not None else None,
@@ -423,23 +436,7 @@ def float_model_bytes(net: nn.Module) -> int:
     parameters and buffers; no step sizes, one BN per conv) saved with ``torch.save``: the
     reference for the exported file's size."""
     net = unwrap(net)
-    layers = quant_layers(net)
-    state: Dict[str, torch.Tensor] = {}
-    skipped = set()
-    for name, module in net.named_modules():
-        if any(name == p or name.startswith(p + ".") for p in skipped):
-            continue
-        if name in layers:
-            state[f"{name}.weight"] = module.weight.detach().cpu()
-            if module.bias is not None:
-                state[f"{name}.bias"] = module.bias.detach().cpu()
-            skipped.add(name)
-            continue
-        if isinstance(module, SwitchableBatchNorm2d):
-            state.update(_direct_state(module.current(), f"{name}."))
-            skipped.add(name)
-            continue
-        state.update(_direct_state(module, f"{name}." if name else ""))
+    state = _plain_state(net, set(), float_layers=quant_layers(net))
     buf = io.BytesIO()
     torch.save(state, buf)
     return buf.getbuffer().nbytes
