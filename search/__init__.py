@@ -6,8 +6,10 @@ from .budget import Budget, parse_budget, parse_budget_list
 from .evaluator import Evaluator, ForwardCounter, evaluate, recalibrate_bn
 from .export import export as export_fixed, load_fixed, pack_codes, unpack_codes  # the name
 # ``search.export`` stays the submodule
-from .greedy import CostModel, SearchResult, Step, greedy_search, search_supernet
+from .greedy import (CostModel, SearchResult, Step, greedy_search, refine_search, refine_supernet,
+                     search_supernet)
 
 __all__ += ["Budget", "parse_budget", "parse_budget_list", "Evaluator", "ForwardCounter", "evaluate",
             "recalibrate_bn", "export_fixed", "load_fixed", "pack_codes", "unpack_codes", "CostModel",
-            "SearchResult", "Step", "greedy_search", "search_supernet"]
+            "SearchResult", "Step", "greedy_search", "refine_search", "refine_supernet",
+            "search_supernet"]

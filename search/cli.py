@@ -19,7 +19,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from mpq.errors import UserError
 
@@ -29,6 +29,9 @@ DEFAULT_CHECKPOINT = os.path.join("runs", "default", "supernet.pt")
 DEFAULT_CALIB_SIZE = 2048
 DEFAULT_BATCH_SIZE = 256
 DEFAULT_BN_BATCHES = 8
+DEFAULT_MARGIN = 1.0
+DEFAULT_REFINE_TOP_K = 6
+DEFAULT_REFINE_ITERS = 20
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,14 +84,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ratio: metric increase per BitOPs saved; reference: 1.5*err/max_err - (1 - bitops/max_bitops)")
     s.add_argument("--metric", choices=("loss", "err"), default="loss",
                    help="what a greedy move may cost: calibration loss or error increase")
-    s.add_argument("--select", choices=("acc", "loss"), default="acc",
-                   help="how the configuration for a budget is picked among the path points and the "
-                        "uniform configurations that fit: best calibration accuracy (ties: lower loss) "
-                        "or lowest calibration loss")
-    s.add_argument("--margin", type=float, default=2.0,
+    s.add_argument("--select", choices=("acc", "loss"), default="loss",
+                   help="what the configuration for a budget optimises among the path points and the "
+                        "uniform configurations that fit (and in the refinement): calibration loss, or "
+                        "accuracy (ties: lower loss)")
+    s.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
                    help="a mixed configuration replaces the largest uniform W=A configuration within "
-                        "the budget only if it beats it on the calibration samples by this many "
-                        "standard errors of the paired per-sample difference (0: always take the best)")
+                        "the budget, and a refinement move is taken, only if it beats the current one "
+                        "on the calibration samples by this many standard errors of the paired "
+                        "per-sample difference (0: any improvement)")
+    s.add_argument("--refine", action=argparse.BooleanOptionalAction, default=True,
+                   help="after the greedy walk, improve each budget's configuration by bidirectional "
+                        "moves within the budget (one bit-width up, optionally another one down)")
+    s.add_argument("--refine-top-k", type=int, default=DEFAULT_REFINE_TOP_K,
+                   help="refinement: candidate moves evaluated exactly per step (ranked by single-move "
+                        "deltas: proxy in the fast strategy)")
+    s.add_argument("--refine-steps", type=int, default=DEFAULT_REFINE_ITERS,
+                   help="refinement: at most this many moves per budget")
     o = p.add_argument_group("output")
     o.add_argument("--export", action=argparse.BooleanOptionalAction, default=True,
                    help="write model_fixed.pt (the accuracy of the fixed model is measured either way)")
@@ -276,15 +288,21 @@ def _uniform_bits(net) -> List[int]:
 
 
 def pick_config(path: Sequence[Any], uniform: Sequence[Dict[str, Any]], fit, evaluator,
-                select: str = "acc", margin: float = 2.0) -> Dict[str, Any]:
+                select: str = "loss", margin: float = DEFAULT_MARGIN,
+                refine: Optional[Callable[[Dict[str, Any]], Any]] = None) -> Dict[str, Any]:
     """The configuration answering one budget.
 
     Candidates: the path points and the uniform configurations for which ``fit(config)`` holds.
-    The best by calibration accuracy (ties: lower loss; ``select="loss"``: lowest loss) is taken,
-    unless the largest uniform configuration that fits exists and the best does not beat it by
-    ``margin`` standard errors of the paired per-sample difference on the calibration samples
+    The best by calibration loss (``select="acc"``: accuracy, ties: lower loss) is taken, unless the
+    largest uniform configuration that fits exists and the best does not beat it by ``margin``
+    standard errors of the paired per-sample difference on the calibration samples
     (:meth:`search.evaluator.Evaluator.paired_z`): then that uniform configuration is kept - a mixed
-    configuration must earn its place. Returns ``{}`` when nothing fits.
+    configuration must earn its place.
+
+    ``refine(config)``, when given, improves the pick by bidirectional moves within the budget
+    (:func:`search.greedy.refine_supernet`, whose moves must pass the same margin) and returns its
+    :class:`~search.greedy.SearchResult`; its final configuration is returned. Returns ``{}`` when
+    nothing fits.
     """
     cands = [{"config": s.config, "acc": s.result["acc"], "loss": s.result["loss"],
               "bitops": s.bitops, "source": f"path step {s.index}", "order": (0, s.index)}
@@ -298,16 +316,29 @@ def pick_config(path: Sequence[Any], uniform: Sequence[Dict[str, Any]], fit, eva
         best = min(cands, key=lambda c: (-c["acc"], c["loss"], c["order"]))
     else:
         best = min(cands, key=lambda c: (c["loss"], -c["acc"], c["order"]))
-    if fitting_uniform and margin > 0:
+    ref = ref_u = None
+    if fitting_uniform:
         ref_u = max(fitting_uniform, key=lambda u: (u["bitops"], u["bits"]))
         ref = [c for c in cands if c["source"] == f"uniform {ref_u['label']}"][0]
-        if best is not ref:
-            z = evaluator.paired_z(best["config"], ref["config"], select)
-            best = dict(best, z_vs_uniform=z, uniform_ref=ref_u["label"])
-            if z < margin:
-                best = dict(ref, z_vs_uniform=z, uniform_ref=ref_u["label"],
-                            source=f"uniform {ref_u['label']}: the best candidate ({best['source']}) "
-                                   f"beats it by only {z:.2f} s.e. < margin {margin:g}")
+    if ref is not None and margin > 0 and best is not ref:
+        z = evaluator.paired_z(best["config"], ref["config"], select)
+        best = dict(best, z_vs_uniform=z, uniform_ref=ref_u["label"])
+        if z < margin:
+            best = dict(ref, z_vs_uniform=z, uniform_ref=ref_u["label"],
+                        source=f"uniform {ref_u['label']}: the best candidate ({best['source']}) "
+                               f"beats it by only {z:.2f} s.e. < margin {margin:g}")
+    if refine is not None:
+        res = refine(best["config"])
+        if len(res.path) > 1:
+            final = res.final
+            moves = ", ".join(str(s.move) for s in res.path[1:])
+            best = dict(best, config=final.config, acc=final.result["acc"], loss=final.result["loss"],
+                        bitops=final.bitops, refined_from=best["source"],
+                        source=f"{best['source'].split(':')[0]} refined by {len(res.path) - 1} "
+                               f"move(s): {moves}")
+            if ref is not None:
+                best["z_vs_uniform"] = evaluator.paired_z(best["config"], ref["config"], select)
+                best["uniform_ref"] = ref_u["label"]
     return best
 
 
@@ -323,7 +354,7 @@ def run(args) -> int:
     from . import pareto as pareto_mod
     from .evaluator import Evaluator, ForwardCounter, dist_info, evaluate
     from .export import fixed_from_payload, fixed_payload, float_model_bytes
-    from .greedy import CostModel, search_supernet
+    from .greedy import CostModel, refine_supernet, search_supernet
 
     # budgets first: a malformed one fails before anything is loaded
     single: List[Budget] = []
@@ -336,11 +367,11 @@ def run(args) -> int:
     listed: List[Budget] = parse_budget_list(args.budgets) if args.budgets is not None else []
     if listed and single:
         raise UserError("--budgets cannot be combined with --budget, --budget-size or --budget-ratio")
-    for name in ("calib_size", "batch_size", "bn_batches", "top_k", "proxy_batches"):
+    for name in ("calib_size", "batch_size", "bn_batches", "top_k", "proxy_batches", "refine_top_k"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(args, name)}")
-    if args.eval_size < 0 or args.refresh < 0 or args.workers < 0 or not args.margin >= 0:
-        raise UserError("--eval-size, --refresh, --workers and --margin must not be negative")
+    if args.eval_size < 0 or args.refine_steps < 0 or args.refresh < 0 or args.workers < 0 or not args.margin >= 0:
+        raise UserError("--eval-size, --refine-steps, --refresh, --workers and --margin must not be negative")
 
     device, dist_here = _init_distributed(args.device)
     try:
@@ -480,8 +511,24 @@ def run(args) -> int:
              f"({search_counts['evaluations']} exact + {search_counts['proxy_evaluations']} proxy "
              f"evaluations), {search_seconds:.1f}s", main)
 
+        refine_counts = ForwardCounter()
+
         def pick(fit) -> Dict[str, Any]:
-            return pick_config(result.path, uniform, fit, evaluator, args.select, args.margin)
+            refine = None
+            if args.refine and args.refine_steps > 0:
+                def refine(cfg):
+                    before_r = counter.copy()
+                    res = refine_supernet(net, evaluator, cost, cfg, fit, strategy=args.strategy,
+                                          cost_kind="size" if size_only else "bitops",
+                                          top_k=args.refine_top_k, max_iters=args.refine_steps,
+                                          metric="loss" if args.select == "loss" else "err",
+                                          margin=args.margin)
+                    spent = counter - before_r
+                    for f in ("eval_forwards", "bn_forwards", "proxy_forwards", "evaluations",
+                              "proxy_evaluations", "samples"):
+                        setattr(refine_counts, f, getattr(refine_counts, f) + getattr(spent, f))
+                    return res
+            return pick_config(result.path, uniform, fit, evaluator, args.select, args.margin, refine)
 
         out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "search")
         if main:
@@ -574,7 +621,9 @@ def run(args) -> int:
                      "uniform8_bitops": cost.uniform8_bitops(), "max_size_bytes": cost.size_bytes(cmax),
                      "min_size_bytes": min_size, "input_size": input_size},
             "search": {"strategy": args.strategy, "score": args.score, "metric": args.metric,
-                       "select": args.select, "margin": args.margin,
+                       "select": args.select, "margin": args.margin, "refine": bool(args.refine),
+                       "refine_top_k": args.refine_top_k, "refine_steps": args.refine_steps,
+                       "refine_forwards": refine_counts.as_dict(),
                        "top_k": args.top_k, "refresh": args.refresh, "proxy_batches": args.proxy_batches,
                        "steps": len(result.path) - 1, "full_path": bool(args.full_path),
                        "seconds": search_seconds, "forwards": search_counts,

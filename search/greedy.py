@@ -27,7 +27,16 @@ Strategies:
   iterations when ``refresh > 0``), the others reuse the previous measurement. Exact results are
   memoised by configuration.
 
-The algorithm (:func:`greedy_search`) is pure: it takes a cost function and evaluation functions over
+Refinement (:func:`refine_search`): the greedy walk only ever lowers bits, so the point where it meets
+a budget can be improved by trading bits *between* layers. From a configuration within the budget,
+every one-step move up is tried alone (when it fits) and together with one one-step move down of
+another bit-width (a *swap*); the candidates are ranked by the sum of their single-move metric deltas
+(proxy evaluations in the fast strategy), the best ``top_k`` are evaluated exactly, and the best is
+taken when it lowers the exact metric (and passes an optional ``accept`` test, e.g. a paired
+significance test); repeated until nothing improves. This is the reference search's bidirectional
+step, applied where it matters: at the budget.
+
+The algorithms (:func:`greedy_search`, :func:`refine_search`) are pure: it takes a cost function and evaluation functions over
 configurations ``{layer: (w_bits, a_bits)}``, so it is testable on a constructed table;
 :func:`search_supernet` binds it to a supernet, an :class:`~search.evaluator.Evaluator` and the cost model.
 """
@@ -46,6 +55,8 @@ SCORES = ("ratio", "reference")
 METRICS = ("loss", "err")
 DEFAULT_TOP_K = 2
 DEFAULT_REFRESH = 0
+DEFAULT_REFINE_TOP_K = 6
+DEFAULT_REFINE_ITERS = 20
 
 
 @dataclass(frozen=True)
@@ -67,6 +78,22 @@ class Move:
         return f"{self.layer}.{self.kind}{self.old}->{self.new}"
 
 
+@dataclass(frozen=True)
+class Swap:
+    """Several one-step moves applied together (refinement: one up, optionally one down)."""
+
+    moves: Tuple[Move, ...]
+
+    def apply(self, config: Mapping[str, Tuple[int, int]]) -> Config:
+        out = dict(config)
+        for mv in self.moves:
+            out = mv.apply(out)
+        return out
+
+    def __str__(self) -> str:
+        return "+".join(str(mv) for mv in self.moves)
+
+
 @dataclass
 class Step:
     """One point of the search path.
@@ -82,7 +109,7 @@ class Step:
     cost: float
     metric: float
     result: Dict[str, float]
-    move: Optional[Move] = None
+    move: Optional[Union[Move, Swap]] = None
     score: Optional[float] = None
     bitops: Optional[float] = None
     size_bytes: Optional[float] = None
@@ -126,21 +153,63 @@ def _metric_of(result: Union[float, Mapping[str, float]], metric: str) -> Tuple[
     return value, {metric: value}
 
 
-def down_moves(config: Mapping[str, Tuple[int, int]], choices: Choices,
-               kinds: Sequence[str] = ("w", "a")) -> List[Move]:
-    """Every one-step-down move from ``config``, in layer order, weights before activations."""
+class _Memo:
+    """Exact and proxy evaluations of configurations, each measured once, with call counts.
+    Without a proxy function the proxy is the exact metric."""
+
+    def __init__(self, evaluate_fn: EvalFn, proxy_fn: Optional[EvalFn], metric: str) -> None:
+        self.evaluate_fn, self.proxy_fn, self.metric = evaluate_fn, proxy_fn, metric
+        self._exact: Dict[Tuple, Tuple[float, Dict[str, float]]] = {}
+        self._proxy: Dict[Tuple, float] = {}
+        self.exact_calls = self.proxy_calls = 0
+
+    def exact(self, cfg: Config) -> Tuple[float, Dict[str, float]]:
+        key = config_key(cfg)
+        if key not in self._exact:
+            self.exact_calls += 1
+            self._exact[key] = _metric_of(self.evaluate_fn(cfg), self.metric)
+        return self._exact[key]
+
+    def proxy(self, cfg: Config) -> float:
+        if self.proxy_fn is None:
+            return self.exact(cfg)[0]
+        key = config_key(cfg)
+        if key not in self._proxy:
+            self.proxy_calls += 1
+            self._proxy[key] = _metric_of(self.proxy_fn(cfg), self.metric)[0]
+        return self._proxy[key]
+
+
+def _one_step_moves(config: Mapping[str, Tuple[int, int]], choices: Choices, kinds: Sequence[str],
+                    up: bool) -> List[Move]:
     moves = []
     for layer in config:
-        w, a = config[layer]
         for kind in ("w", "a"):
             if kind not in kinds:
                 continue
             cands = choices[layer][0 if kind == "w" else 1]
-            cur = w if kind == "w" else a
-            lower = [int(c) for c in cands if c < cur]
-            if lower:
-                moves.append(Move(layer, kind, cur, max(lower)))
+            cur = config[layer][0 if kind == "w" else 1]
+            if up:
+                nxt = [int(c) for c in cands if c > cur]
+                if nxt:
+                    moves.append(Move(layer, kind, cur, min(nxt)))
+            else:
+                nxt = [int(c) for c in cands if c < cur]
+                if nxt:
+                    moves.append(Move(layer, kind, cur, max(nxt)))
     return moves
+
+
+def down_moves(config: Mapping[str, Tuple[int, int]], choices: Choices,
+               kinds: Sequence[str] = ("w", "a")) -> List[Move]:
+    """Every one-step-down move from ``config``, in layer order, weights before activations."""
+    return _one_step_moves(config, choices, kinds, up=False)
+
+
+def up_moves(config: Mapping[str, Tuple[int, int]], choices: Choices,
+             kinds: Sequence[str] = ("w", "a")) -> List[Move]:
+    """Every one-step-up move from ``config``, in layer order, weights before activations."""
+    return _one_step_moves(config, choices, kinds, up=True)
 
 
 def _score(kind: str, m0: float, m1: float, c0: float, c1: float, cost_ref: float,
@@ -194,25 +263,8 @@ def greedy_search(start: Mapping[str, Tuple[int, int]], choices: Choices,
             ok = ok and bool(fits(cfg))
         return ok and (budget is not None or fits is not None)
 
-    exact_memo: Dict[Tuple, Tuple[float, Dict[str, float]]] = {}
-    proxy_memo: Dict[Tuple, float] = {}
-    calls = {"exact": 0, "proxy": 0}
-
-    def exact(cfg: Config) -> Tuple[float, Dict[str, float]]:
-        key = config_key(cfg)
-        if key not in exact_memo:
-            calls["exact"] += 1
-            exact_memo[key] = _metric_of(evaluate_fn(cfg), metric)
-        return exact_memo[key]
-
-    def proxy(cfg: Config) -> float:
-        if proxy_fn is None:
-            return exact(cfg)[0]
-        key = config_key(cfg)
-        if key not in proxy_memo:
-            calls["proxy"] += 1
-            proxy_memo[key] = _metric_of(proxy_fn(cfg), metric)[0]
-        return proxy_memo[key]
+    memo = _Memo(evaluate_fn, proxy_fn, metric)
+    exact, proxy = memo.exact, memo.proxy
 
     base: Config = {k: (int(v[0]), int(v[1])) for k, v in start.items()}
     base_cost = float(cost_fn(base))
@@ -266,7 +318,89 @@ def greedy_search(start: Mapping[str, Tuple[int, int]], choices: Choices,
         path.append(Step(len(path), dict(base), base_cost, m, r, mv, best_score))
         if progress:
             progress(path[-1])
-    return SearchResult(path, strategy, score, metric, calls["exact"], calls["proxy"])
+    return SearchResult(path, strategy, score, metric, memo.exact_calls, memo.proxy_calls)
+
+
+def refine_search(start: Mapping[str, Tuple[int, int]], choices: Choices,
+                  cost_fn: Callable[[Config], float], evaluate_fn: EvalFn,
+                  fits: Callable[[Config], bool], *, proxy_fn: Optional[EvalFn] = None,
+                  metric: str = "loss", top_k: int = DEFAULT_REFINE_TOP_K,
+                  max_iters: int = DEFAULT_REFINE_ITERS, kinds: Sequence[str] = ("w", "a"),
+                  accept: Optional[Callable[[Config, Config], bool]] = None,
+                  progress: Optional[Callable[[Step], None]] = None) -> SearchResult:
+    """Bidirectional local search within a budget, from ``start`` (see the module docstring).
+
+    Args:
+        start: a configuration with ``fits(start)`` true.
+        fits: the budget; every configuration visited satisfies it.
+        evaluate_fn / proxy_fn / metric: as in :func:`greedy_search`; the single-move deltas that rank
+            the candidates come from ``proxy_fn`` when given, else from ``evaluate_fn``.
+        top_k: candidates (single up-moves and swaps) evaluated exactly per iteration.
+        max_iters: at most this many accepted moves.
+        accept: ``accept(new, current)``: an extra test a better configuration must pass (both have
+            been evaluated exactly); default: any exact improvement is taken.
+    Returns a :class:`SearchResult` whose path starts at ``start``; every later step lowers the
+    exact metric. ``stats`` holds ``iterations`` and ``stopped`` (why it ended).
+    """
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
+    base: Config = {k: (int(v[0]), int(v[1])) for k, v in start.items()}
+    if not fits(base):
+        raise ValueError("refine_search: the start configuration does not fit the budget")
+    memo = _Memo(evaluate_fn, proxy_fn, metric)
+    exact, single = memo.exact, memo.proxy
+
+    order = {(layer, kind): i for i, (layer, kind) in
+             enumerate((layer, kind) for layer in base for kind in ("w", "a"))}
+    m_base, r_base = exact(base)
+    path = [Step(0, dict(base), float(cost_fn(base)), m_base, r_base)]
+    if progress:
+        progress(path[-1])
+    stopped = "max_iters"
+    for _ in range(max_iters):
+        ups = up_moves(base, choices, kinds)
+        downs = down_moves(base, choices, kinds)
+        # a swap is worth trying only with an up-move; downs alone never lower the metric
+        if not ups:
+            stopped = "no move up"
+            break
+        p_base = single(base)
+        delta = {mv: single(mv.apply(base)) - p_base for mv in ups}
+        cands: Dict[Tuple, Tuple[float, Tuple[int, ...], Swap, Config]] = {}
+        for up in ups:
+            first = up.apply(base)
+            options = [Swap((up,))] + [Swap((up, dn)) for dn in downs
+                                       if (dn.layer, dn.kind) != (up.layer, up.kind)]
+            for sw in options:
+                cfg = sw.apply(base) if len(sw.moves) > 1 else first
+                if not fits(cfg):
+                    continue
+                if len(sw.moves) > 1 and sw.moves[1] not in delta:
+                    delta[sw.moves[1]] = single(sw.moves[1].apply(base)) - p_base
+                pred = sum(delta[mv] for mv in sw.moves)
+                rank = tuple(order[(mv.layer, mv.kind)] for mv in sw.moves)
+                key = config_key(cfg)
+                if key not in cands or (pred, rank) < cands[key][:2]:
+                    cands[key] = (pred, rank, sw, cfg)
+        if not cands:
+            stopped = "no candidate fits"
+            break
+        ranked = sorted(cands.values(), key=lambda c: (c[0], c[1]))[:top_k]
+        evaluated = [(exact(cfg)[0], rank, sw, cfg) for _, rank, sw, cfg in ranked]
+        m_new, _, sw, cfg = min(evaluated, key=lambda e: (e[0], e[1]))
+        if not m_new < m_base:
+            stopped = "no improvement"
+            break
+        if accept is not None and not accept(cfg, base):
+            stopped = "not accepted"
+            break
+        base, m_base = cfg, m_new
+        path.append(Step(len(path), dict(base), float(cost_fn(base)), m_new, exact(base)[1], sw,
+                         m_new - path[-1].metric))
+        if progress:
+            progress(path[-1])
+    return SearchResult(path, "refine", "delta", metric, memo.exact_calls, memo.proxy_calls,
+                        {"iterations": len(path) - 1, "stopped": stopped})
 
 
 # ------------------------------------------------------------------------------ supernet binding
@@ -347,4 +481,35 @@ def search_supernet(net, evaluator, cost: CostModel, *, max_bitops: Optional[flo
                          fits=fits_all if has_budget else None, to_min=to_min or not has_budget,
                          strategy=strategy, top_k=top_k, refresh=refresh, score=score,
                          metric=metric, kinds=("w",) if cost_kind == "size" else ("w", "a"),
+                         progress=annotate)
+
+
+def refine_supernet(net, evaluator, cost: CostModel, start: Mapping[str, Tuple[int, int]],
+                    fits: Callable[[Config], bool], *, strategy: str = "fast",
+                    cost_kind: str = "bitops", top_k: int = DEFAULT_REFINE_TOP_K,
+                    max_iters: int = DEFAULT_REFINE_ITERS, metric: str = "loss",
+                    margin: float = 0.0,
+                    progress: Optional[Callable[[Step], None]] = None) -> SearchResult:
+    """:func:`refine_search` on a supernet: single-move deltas from ``evaluator.proxy`` (fast
+    strategy) or ``evaluator.exact`` (naive); a move is accepted only when the new configuration
+    beats the current one by ``margin`` standard errors of the paired per-sample difference on the
+    calibration samples (:meth:`~search.evaluator.Evaluator.paired_z`; ``metric`` ``"err"`` tests
+    accuracy). ``cost_kind="size"`` moves weight bit-widths only."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy: {strategy!r} is not allowed; allowed: {list(STRATEGIES)}")
+
+    def accept(new: Config, cur: Config) -> bool:
+        return margin <= 0 or evaluator.paired_z(new, cur, "acc" if metric == "err" else "loss") >= margin
+
+    def annotate(step: Step) -> None:
+        step.bitops = cost.bitops(step.config)
+        step.size_bytes = cost.size_bytes(step.config)
+        if progress:
+            progress(step)
+
+    return refine_search(start, layer_choices(net), cost.size_bytes if cost_kind == "size" else cost.bitops,
+                         evaluator.exact, fits,
+                         proxy_fn=evaluator.proxy if strategy == "fast" else None, metric=metric,
+                         top_k=top_k, max_iters=max_iters,
+                         kinds=("w",) if cost_kind == "size" else ("w", "a"), accept=accept,
                          progress=annotate)

@@ -10,7 +10,8 @@ from torch import nn
 import mpq
 from search.evaluator import (Evaluator, ForwardCounter, batch_stat_bn, bn_modules_in_use, evaluate,
                               recalibrate_bn, shard)
-from search.greedy import CostModel, Move, down_moves, greedy_search, search_supernet
+from search.greedy import (CostModel, Move, Swap, down_moves, greedy_search, refine_search, search_supernet,
+                           up_moves)
 
 BITS = (2, 3, 4, 5, 6)
 
@@ -142,6 +143,96 @@ def test_moves_follow_the_candidate_lists():
     moves = down_moves({"x": (8, 6), "y": (8, 8)}, choices)
     assert moves == [Move("x", "w", 8, 4), Move("x", "a", 6, 3)]
     assert down_moves({"x": (2, 3), "y": (8, 8)}, choices) == []
+
+
+# ------------------------------------------------------------------------------------ refinement
+def _neighbours(config, names, bits=BITS):
+    """Every configuration one step up in one bit-width, optionally one step down in another,
+    enumerated independently of the search code."""
+    items = [(n, k) for n in names for k in (0, 1)]
+
+    def shifted(cfg, item, d):
+        n, k = item
+        i = bits.index(cfg[n][k]) + d
+        if not 0 <= i < len(bits):
+            return None
+        v = list(cfg[n])
+        v[k] = bits[i]
+        out = dict(cfg)
+        out[n] = tuple(v)
+        return out
+
+    out = []
+    for up in items:
+        c1 = shifted(config, up, +1)
+        if c1 is None:
+            continue
+        out.append(c1)
+        for dn in items:
+            if dn != up:
+                c2 = shifted(c1, dn, -1)
+                if c2 is not None:
+                    out.append(c2)
+    return out
+
+
+def test_refine_moves_bits_to_the_sensitive_layer_within_the_budget():
+    # layer "a" barely cares about its bits, layer "b" cares a lot; equal MACs: the uniform 3/3
+    # start is beaten by trading a's bits for b's
+    names = ["a", "b"]
+    cost = lambda c: float(sum(c[n][0] * c[n][1] for n in names))
+    sens = {"a": 0.1, "b": 1.0}
+    metric = lambda c: sum(sens[n] * (2.0 ** -c[n][0] + 2.0 ** -c[n][1]) for n in names)
+    choices = {n: (BITS, BITS) for n in names}
+    start = {"a": (3, 3), "b": (3, 3)}
+    budget = cost(start)
+    fits = lambda c: cost(c) <= budget
+    res = refine_search(start, choices, cost, metric, fits, top_k=1000)
+    assert len(res.path) > 1 and res.final.metric < metric(start)
+    assert res.final.config["b"][0] + res.final.config["b"][1] > 6 > sum(res.final.config["a"])
+    for prev, step in zip(res.path, res.path[1:]):
+        assert fits(step.config) and step.metric < prev.metric
+        assert step.config == step.move.apply(prev.config)
+        assert step.metric == pytest.approx(metric(step.config))
+        # with every candidate checked exactly, each step takes the best fitting neighbour
+        best = min(metric(c) for c in _neighbours(prev.config, names) if fits(c))
+        assert step.metric == pytest.approx(best)
+    # it stops at a local optimum: no fitting neighbour is better
+    assert all(metric(c) >= res.final.metric for c in _neighbours(res.final.config, names) if fits(c))
+    assert res.stats["stopped"] == "no improvement"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_refine_from_the_greedy_end_never_gets_worse_and_stays_within_the_budget(seed):
+    names, cost, metric, start, choices = _table(seed, layers=4)
+    budget = 0.35 * cost(start)
+    fits = lambda c: cost(c) <= budget
+    walk = greedy_search(start, choices, cost, metric, strategy="naive", budget=budget)
+    rng = random.Random(seed)
+    noisy = lambda c: metric(c) + rng.gauss(0, 0.05)
+    res = refine_search(walk.final.config, choices, cost, metric, fits, proxy_fn=noisy, top_k=4)
+    assert res.path[0].config == walk.final.config
+    assert all(fits(s.config) for s in res.path)
+    assert all(b.metric < a.metric for a, b in zip(res.path, res.path[1:]))
+    assert all(b.move.moves[0].new > b.move.moves[0].old for b in res.path[1:])   # up first
+    assert res.exact_calls <= 1 + 4 * (len(res.path))
+    assert res.proxy_calls > 0
+
+
+def test_refine_accept_test_start_check_and_moves():
+    names = ["a", "b"]
+    cost = lambda c: float(sum(c[n][0] * c[n][1] for n in names))
+    metric = lambda c: 2.0 ** -c["b"][0] + 0.01 * 2.0 ** -c["a"][0]
+    choices = {n: (BITS, BITS) for n in names}
+    start = {"a": (3, 3), "b": (3, 3)}
+    fits = lambda c: cost(c) <= 18
+    refused = refine_search(start, choices, cost, metric, fits, accept=lambda new, cur: False)
+    assert len(refused.path) == 1 and refused.stats["stopped"] == "not accepted"
+    assert len(refine_search(start, choices, cost, metric, fits, max_iters=1).path) == 2
+    with pytest.raises(ValueError, match="does not fit"):
+        refine_search(start, choices, cost, metric, lambda c: False)
+    assert up_moves({"a": (6, 2), "b": (3, 6)}, choices) == [Move("a", "a", 2, 3), Move("b", "w", 3, 4)]
+    assert str(Swap((Move("a", "w", 3, 4), Move("b", "a", 3, 2)))) == "a.w3->4+b.a3->2"
 
 
 # --------------------------------------------------------------------------------------- evaluator

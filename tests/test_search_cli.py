@@ -237,3 +237,22 @@ def test_pick_config_keeps_the_uniform_config_unless_a_mixed_one_is_clearly_bett
     assert pick_config(worse_path, uniform, fit16, None)["source"] == "uniform W4A4"
     assert pick_config(path, uniform, lambda c: False, None) == {}
     assert pick_config(path, [], fit9, None)["source"] == "path step 1"
+    # a refinement that moves: its final configuration is returned, tested against the uniform one
+    from search.greedy import Move, SearchResult, Swap
+    seen = []
+
+    def refine(cfg):
+        seen.append(cfg)
+        mv = Swap((Move("l", "w", 3, 4), Move("l", "a", 3, 2)))
+        return SearchResult([Step(0, cfg, 9.0, 0.15, {"acc": 0.85, "loss": 0.15}, bitops=9.0),
+                             Step(1, {"l": (4, 2)}, 8.0, 0.12, {"acc": 0.87, "loss": 0.12}, mv,
+                                  bitops=8.0)], "refine", "delta", "loss")
+    refined = pick_config(path, uniform, fit9, FakeEvaluator(1.5), margin=2.0, refine=refine)
+    assert seen == [{"l": (3, 3)}]            # refined from the uniform configuration that was kept
+    assert refined["config"] == {"l": (4, 2)} and refined["loss"] == 0.12
+    assert refined["source"] == "uniform W3A3 refined by 1 move(s): l.w3->4+l.a3->2"
+    assert refined["z_vs_uniform"] == 1.5 and refined["refined_from"].startswith("uniform W3A3")
+    # a refinement that finds nothing leaves the pick alone
+    still = lambda cfg: SearchResult([Step(0, cfg, 9.0, 0.15, {"acc": 0.85, "loss": 0.15})],
+                                     "refine", "delta", "loss")
+    assert pick_config(path, uniform, fit9, FakeEvaluator(1.0), margin=2.0, refine=still)["config"] == {"l": (3, 3)}
