@@ -215,7 +215,7 @@ class Trainer:
         if cfg["model"]["name"] not in LOCAL_MODELS and self.info.in_channels != 3:
             raise UserError(f"model.name: {cfg['model']['name']!r} (a torchvision model) takes 3-channel "
                             f"images, but data.name {d['name']!r} has {self.info.in_channels} channel(s); "
-                            f"use small_cnn or resnet20")
+                            f"use small_cnn, small_mobilenet or resnet20")
         float_model = build_model(cfg["model"]["name"], num_classes=num_classes,
                                   in_channels=self.info.in_channels, pretrained=cfg["model"]["pretrained"],
                                   width=cfg["model"]["width"])
@@ -226,7 +226,7 @@ class Trainer:
             raise UserError(f"quant.{e}") from None
         self.spec = spec_of(cfg, num_classes, self.info.in_channels, self.info.input_size)
         # Record the width actually built, so the checkpoint does not depend on a later default.
-        if cfg["model"]["name"] == "small_cnn":
+        if hasattr(float_model, "width"):
             self.spec["model"]["width"] = float_model.width
         self.net.to(self.device)
         if t["channels_last"]:

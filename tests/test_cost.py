@@ -65,3 +65,26 @@ def test_model_size_bytes_by_hand():
     # conv 108 weights * 4 bits, linear 8 weights * 2 bits, float: linear bias 2 + BN weight/bias 8.
     expect = (108 * 4 + 8 * 2 + (2 + 8) * 32) / 8
     assert search.model_size_bytes(net, cfg) == expect
+
+
+def test_small_mobilenet_layers_and_bitops_by_hand():
+    """The embedded default's model: stem + 4 depthwise-separable blocks + fc at 28x28, width 16."""
+    net = mpq.quantize_model(mpq.models.SmallMobileNet())   # stem and fc pinned at 8/8
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    # depthwise convs: one group per channel, 3x3; pointwise: 1x1
+    assert [(m.groups == m.in_channels, m.kernel_size) for m in convs[1:]] == \
+        [(True, (3, 3)), (False, (1, 1))] * 4
+    # MACs per layer: (output H*W) * C_out * 9 * C_in/groups
+    dw = 14 * 14 * 16 * 9 + 14 * 14 * 32 * 9 + 7 * 7 * 32 * 9 + 7 * 7 * 64 * 9
+    pw = 14 * 14 * 16 * 32 + 14 * 14 * 32 * 32 + 7 * 7 * 32 * 64 + 7 * 7 * 64 * 64
+    pinned = 28 * 28 * 16 * 9 + 64 * 10
+    for b in (2, 3, 4):
+        cfg = mpq.uniform_config(net, b, b)
+        assert search.bitops(net, cfg, (1, 1, 28, 28)) == (dw + pw) * b * b + pinned * 64
+    # 6-bit depthwise, 2-bit pointwise: cheaper than uniform 3 bits
+    mixed = {}
+    for n, m in mpq.quant_layers(net).items():
+        pinned_layer = m.w_candidates == (8,)
+        mixed[n] = (8, 8) if pinned_layer else (6, 6) if m.groups > 1 else (2, 2)
+    assert search.bitops(net, mixed, (1, 1, 28, 28)) == dw * 36 + pw * 4 + pinned * 64
+    assert sum(p.numel() for p in mpq.models.SmallMobileNet().parameters()) < 12000
