@@ -25,7 +25,7 @@ def test_default_has_every_schema_key_and_validates():
     for section, fields in SCHEMA.items():
         assert set(raw[section]) == set(fields), section
     cfg = load_config()
-    assert cfg["model"]["name"] == "small_cnn" and cfg["data"]["name"] == "fashion_mnist"
+    assert cfg["model"]["name"] == "small_mobilenet" and cfg["data"]["name"] == "fashion_mnist"
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))))

@@ -86,5 +86,5 @@ def test_torchrun_runs_train_py_unchanged(tmp_path, clean_env):
     ckpt = safe_load(str(tmp_path / "tr" / "supernet.pt"))
     assert ckpt["train_state"]["world_size"] == 2 and ckpt["train_state"]["global_step"] == 2
     # rank 0 alone writes: one "training ..." banner, one metrics line
-    assert r.stdout.count("training small_cnn supernet") == 1
+    assert r.stdout.count("training small_mobilenet supernet") == 1
     assert len((tmp_path / "tr" / "metrics.jsonl").read_text().splitlines()) == 1

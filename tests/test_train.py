@@ -146,8 +146,8 @@ def test_end_to_end_run_folder(tmp_path):
     net, ckpt = load_supernet(str(run / "supernet.pt"))
     assert ckpt["format"] == "mpq-supernet" and ckpt["train_state"]["global_step"] == 16
     assert ckpt["config"]["data"]["name"] == "fashion_mnist" and ckpt["config"]["data"]["seed"] == 0
-    assert ckpt["spec"]["model"] == {"name": "small_cnn", "num_classes": 10, "in_channels": 1,
-                                    "width": 8}
+    assert ckpt["spec"]["model"] == {"name": "small_mobilenet", "num_classes": 10, "in_channels": 1,
+                                    "width": 16}
     assert ckpt["spec"]["input_size"] == [1, 1, 28, 28]
     assert set(ckpt["allowed"]) == set(quant_layers(net))
     # the loaded supernet answers like the trained one at the max config
