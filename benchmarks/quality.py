@@ -1,4 +1,4 @@
-"""Quality benchmark on the embedded data set (Fashion-MNIST, SmallCNN): every figure is measured.
+"""Quality benchmark on the embedded default (Fashion-MNIST, its model): every figure is measured.
 
     python benchmarks/quality.py                        # full run (48.6 CPU-min: ~25-30 min on 2 idle cores)
     python benchmarks/quality.py --quick                # smoke run (~1.5 min)
@@ -12,8 +12,10 @@ verdict from the paired per-seed differences: "better"/"worse" when a two-sided 
    in-place distillation, IDM, bit-width freezing scheduler) is trained once; one greedy walk
    (``search.greedy.search_supernet``, default fast strategy, scored on a calibration split of the
    training images that the supernet did not train on) gives the whole path; for each budget
-   ``BitOPs(uniform WbAb)``, b = 2, 3, 4, the best path point within the budget is compared with the
-   uniform config of the same supernet on the held-out test set. (The lowest config of the supernet
+   ``BitOPs(uniform WbAb)``, b = 2, 3, 4, the greedy answer (the first path point within the budget)
+   and what ``search.py`` returns (selection among path points and uniform configs, then the
+   bidirectional refinement, with its defaults) are compared with the uniform config of the same
+   supernet on the held-out test set. (The lowest config of the supernet
    *is* uniform W2A2, so at b = 2 the search can only return it; the table says so.)
 2. **Retraining-free.** A config taken from the supernet vs the same config trained alone with QAT
    (:class:`BenchTrainer`: the project's trainer with one config sampled per step, no
@@ -21,7 +23,7 @@ verdict from the paired per-seed differences: "better"/"worse" when a two-sided 
    QAT does one forward/backward per step, the supernet one per sampled config.
 3. **Ablation.** Plain sandwich training (with in-place distillation) vs + bit-width freezing
    scheduler vs + IDM vs both: test accuracy of the lowest (W2A2) and highest (W6A6) config.
-4. **R2 and 2-bit post-training quantization.** A float SmallCNN is trained with each R2 variant
+4. **R2 and 2-bit post-training quantization.** The float model is trained with each R2 variant
    (``mpq.losses.R2Loss``: linf, margin, softminmax; at each ``--r2-weights`` lambda) or without; then
    quantized without retraining: weights at 2 bits (first/last layer 8 bits, as everywhere in mpq),
    activations at 8 bits, each weight step size the per-channel MSE-optimal one (grid search), each
@@ -81,8 +83,10 @@ PTQ_A_BITS = 8
 def default_settings() -> Dict[str, Any]:
     """The benchmark's settings; training ones default to the embedded default (mpq.config)."""
     from mpq.config import default_config
+    from search.cli import DEFAULT_CALIB_SIZE
     d = default_config()
     return {
+        "model": d["model"]["name"],
         "epochs": d["train"]["epochs"],
         # half the training set: fits the time budget and leaves unused training images for the
         # search calibration split (as search.py's --calib-split train)
@@ -90,7 +94,7 @@ def default_settings() -> Dict[str, Any]:
         "val_subset": None,            # test images evaluated (None: all 10000)
         "repeats": 3,
         "seed0": 0,
-        "calib_size": 2048,            # search calibration images (as search.py: --calib-size)
+        "calib_size": DEFAULT_CALIB_SIZE,   # search calibration images (search.py's --calib-size)
         "bn_batches": 8,               # BN re-calibration batches (of 256 training images)
         "ptq_calib_batches": 2,        # activation step-size calibration batches for PTQ
         "path_points": 12,             # searched-path points evaluated on the test set (for the plot)
@@ -320,25 +324,33 @@ def task_supernet(s: Dict[str, Any], variant: str, seed: int, do_search: bool) -
 
             def fit(c, budget=budget):
                 return cost.bitops(c) <= budget * (1 + 1e-9)
-            # the searched config: the best path point within the budget by calibration accuracy
-            # (ties: lower loss, earlier point), as search.py ranks them
+            # the greedy answer: the first path point within the budget (where a greedy walk that
+            # stops at the budget ends)
             fitting = [st for st in res.path if fit(st.config)]
             if not fitting:
                 out["budgets"][str(b)] = {"budget": budget, "config": None}
                 continue
-            step = min(fitting, key=lambda st: (-st.result["acc"], st.result["loss"], st.index))
+            step = fitting[0]
             chosen.add(step.index)
             acc = test_of(step.config)
             path[step.index]["acc"] = acc
             info = {"budget": budget, "config": cfg_json(step.config), "bitops": cost.bitops(step.config),
                     "acc": acc, "calib_acc": 100.0 * step.result["acc"], "path_index": step.index,
                     "same_as_uniform": cfg_tuple(step.config) == uni}
-            # what search.py returns for this budget: the same ranking over the path AND the uniform
-            # configs, keeping the largest fitting uniform config unless the best beats it by
-            # --margin (2) standard errors on the calibration set
+            # what search.py returns for this budget, with its defaults: the best path point or
+            # uniform config by calibration loss (the largest fitting uniform config is kept unless
+            # beaten by --margin standard errors), then refined by bidirectional moves in the budget
             if pick_config is not None:
                 try:
-                    chosen_cli = pick_config(res.path, uniform_cal, fit, ev, "acc", 2.0)
+                    from search.cli import (DEFAULT_MARGIN, DEFAULT_REFINE_ITERS, DEFAULT_REFINE_MARGIN,
+                                            DEFAULT_REFINE_TOP_K)
+                    from search.greedy import refine_supernet
+
+                    def refine(c, fit=fit):
+                        return refine_supernet(net, ev, cost, c, fit, top_k=DEFAULT_REFINE_TOP_K,
+                                               max_iters=DEFAULT_REFINE_ITERS,
+                                               margin=DEFAULT_REFINE_MARGIN)
+                    chosen_cli = pick_config(res.path, uniform_cal, fit, ev, "loss", DEFAULT_MARGIN, refine)
                 except Exception as e:  # noqa: BLE001 - the search side's API changed: say so
                     info["cli_pick_error"] = f"{type(e).__name__}: {e}"
                 else:
@@ -670,6 +682,7 @@ def summarize(s, runs, sections) -> Dict[str, Any]:
                 row["cli_diff"] = [c["acc"] - u for u, c in cli]
                 row["cli_mixed"] = sum(not c["is_uniform"] for _, c in cli)
                 row["cli_verdict"] = verdict(row["cli_diff"])
+                row["cli_configs"] = [cfg_str(c["config"], p[2]["layers"]) for (_, c), p in zip(cli, pairs)]
             rows.append(row)
         out["search_vs_uniform"] = rows
     if 2 in sections and full:
@@ -756,7 +769,7 @@ def markdown(result: Dict[str, Any]) -> str:
     n = s["repeats"]
     cpu = sum(r.get("task_cpu_s", 0.0) for rs in result["runs"].values() for r in rs)
     sizes = sorted({r.get("test_size") for rs in result["runs"].values() for r in rs if r.get("test_size")})
-    lines = [f"Fashion-MNIST, SmallCNN, {s['epochs']} epoch(s) on {s['train_subset'] or 'all'} training "
+    lines = [f"Fashion-MNIST, {s.get('model', 'small_cnn')}, {s['epochs']} epoch(s) on {s['train_subset'] or 'all'} training "
              f"images, {'/'.join(map(str, sizes)) or '?'} held-out test images, {n} seed(s): mean ± std (%). "
              f"Verdicts: paired t-test of the per-seed differences at 95%. "
              + (f"Runtime {result['runtime_s'] / 60:.1f} min" if result.get("runtime_s") is not None
@@ -764,17 +777,19 @@ def markdown(result: Dict[str, Any]) -> str:
              + f" ({s['jobs']} jobs x {s['threads']} thread; {cpu / 60:.1f} CPU-min in the tasks).", ""]
     if "search_vs_uniform" in sm:
         lines += ["### 1. Searched mixed precision vs uniform, same supernet, equal BitOPs", "",
-                  "searched = the best greedy-path point within the budget by calibration accuracy; "
-                  "search.py = what `search.py` returns (path points and uniform configs; the largest "
-                  "fitting uniform config is kept unless beaten by 2 standard errors on calibration).", "",
-                  "| budget | MBitOPs | uniform | searched | searched − uniform | searched better? | search.py | search.py − uniform | search.py mixed | searched configs (w/a per layer) |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "greedy = the first greedy-path point within the budget; search.py = what `search.py` "
+                  "returns with its defaults (the best path point or uniform config by calibration loss, "
+                  "the largest fitting uniform config kept unless beaten by --margin standard errors, then "
+                  "the bidirectional refinement within the budget).", "",
+                  "| budget | MBitOPs | uniform | greedy | greedy − uniform | greedy better? | search.py | search.py − uniform | search.py better? | search.py mixed | search.py configs (w/a per layer) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in sm["search_vs_uniform"]:
             same = all(r["same_as_uniform"])
             cl = "n/a: W2A2 is the lowest config, the search can only return it" if same else _claim(r["verdict"], CLAIM)
-            cfgs = "; ".join(sorted(set(r["searched_configs"])))
-            cli = (f"{fmt(r['cli_acc'])} | {fmt(r['cli_diff'])} | {r['cli_mixed']}/{len(r['cli_acc'])}"
-                   if "cli_acc" in r else "n/a | n/a | n/a")
+            cfgs = "; ".join(sorted(set(r.get("cli_configs") or r["searched_configs"])))
+            cli_cl = (("n/a" if same else _claim(r["cli_verdict"], CLAIM)) if "cli_verdict" in r else "n/a")
+            cli = (f"{fmt(r['cli_acc'])} | {fmt(r['cli_diff'])} | {cli_cl} | {r['cli_mixed']}/{len(r['cli_acc'])}"
+                   if "cli_acc" in r else "n/a | n/a | n/a | n/a")
             lines.append(f"| W{r['bits']}A{r['bits']} | {r['budget_bitops'] / 1e6:.2f} | {fmt(r['uniform_acc'])} | "
                          f"{fmt(r['searched_acc'])} | {fmt(r['diff'])} | {cl} | {cli} | {cfgs} |")
         lines.append("")
@@ -851,7 +866,7 @@ def plot(result: Dict[str, Any], path: str) -> Optional[str]:
     ax.set_xlabel("MBitOPs per image")
     ax.set_ylabel("test accuracy (%)")
     s = result["settings"]
-    ax.set_title(f"Fashion-MNIST SmallCNN: accuracy vs BitOPs ({s['repeats']} seed(s), {s['epochs']} epoch(s))",
+    ax.set_title(f"Fashion-MNIST {s.get('model', 'small_cnn')}: accuracy vs BitOPs ({s['repeats']} seed(s), {s['epochs']} epoch(s))",
                  fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")

@@ -26,10 +26,11 @@ from mpq.errors import UserError
 from .budget import ACCEPTED, Budget, format_bitops, format_bytes, parse_budget, parse_budget_list
 
 DEFAULT_CHECKPOINT = os.path.join("runs", "default", "supernet.pt")
-DEFAULT_CALIB_SIZE = 2048
+DEFAULT_CALIB_SIZE = 4096
 DEFAULT_BATCH_SIZE = 256
 DEFAULT_BN_BATCHES = 8
-DEFAULT_MARGIN = 1.0
+DEFAULT_MARGIN = 2.0
+DEFAULT_REFINE_MARGIN = 1.0
 DEFAULT_REFINE_TOP_K = 6
 DEFAULT_REFINE_ITERS = 20
 
@@ -90,9 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "accuracy (ties: lower loss)")
     s.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
                    help="a mixed configuration replaces the largest uniform W=A configuration within "
-                        "the budget, and a refinement move is taken, only if it beats the current one "
-                        "on the calibration samples by this many standard errors of the paired "
-                        "per-sample difference (0: any improvement)")
+                        "the budget only if it beats it on the calibration samples by this many "
+                        "standard errors of the paired per-sample difference (0: take the best)")
     s.add_argument("--refine", action=argparse.BooleanOptionalAction, default=True,
                    help="after the greedy walk, improve each budget's configuration by bidirectional "
                         "moves within the budget (one bit-width up, optionally another one down)")
@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "deltas: proxy in the fast strategy)")
     s.add_argument("--refine-steps", type=int, default=DEFAULT_REFINE_ITERS,
                    help="refinement: at most this many moves per budget")
+    s.add_argument("--refine-margin", type=float, default=DEFAULT_REFINE_MARGIN,
+                   help="refinement: a move is taken only if it lowers the calibration loss by this "
+                        "many standard errors of the paired per-sample difference")
     o = p.add_argument_group("output")
     o.add_argument("--export", action=argparse.BooleanOptionalAction, default=True,
                    help="write model_fixed.pt (the accuracy of the fixed model is measured either way)")
@@ -292,17 +295,17 @@ def pick_config(path: Sequence[Any], uniform: Sequence[Dict[str, Any]], fit, eva
                 refine: Optional[Callable[[Dict[str, Any]], Any]] = None) -> Dict[str, Any]:
     """The configuration answering one budget.
 
-    Candidates: the path points and the uniform configurations for which ``fit(config)`` holds.
-    The best by calibration loss (``select="acc"``: accuracy, ties: lower loss) is taken, unless the
-    largest uniform configuration that fits exists and the best does not beat it by ``margin``
-    standard errors of the paired per-sample difference on the calibration samples
-    (:meth:`search.evaluator.Evaluator.paired_z`): then that uniform configuration is kept - a mixed
-    configuration must earn its place.
+    1. Candidates: the path points and the uniform configurations for which ``fit(config)`` holds;
+       the best by calibration loss (``select="acc"``: accuracy, ties: lower loss) is the start.
+    2. ``refine(config)``, when given, improves it by bidirectional moves within the budget
+       (:func:`search.greedy.refine_supernet`) and returns a :class:`~search.greedy.SearchResult`.
+    3. A mixed result must beat the largest uniform configuration that fits by ``margin`` standard
+       errors of the paired per-sample difference on the calibration samples
+       (:meth:`search.evaluator.Evaluator.paired_z`); if it does not, and the start was not that
+       uniform configuration, the refinement is tried from the uniform configuration too; if
+       nothing passes, the uniform configuration is kept - a mixed configuration must earn its place.
 
-    ``refine(config)``, when given, improves the pick by bidirectional moves within the budget
-    (:func:`search.greedy.refine_supernet`, whose moves must pass the same margin) and returns its
-    :class:`~search.greedy.SearchResult`; its final configuration is returned. Returns ``{}`` when
-    nothing fits.
+    Returns ``{}`` when nothing fits.
     """
     cands = [{"config": s.config, "acc": s.result["acc"], "loss": s.result["loss"],
               "bitops": s.bitops, "source": f"path step {s.index}", "order": (0, s.index)}
@@ -320,26 +323,39 @@ def pick_config(path: Sequence[Any], uniform: Sequence[Dict[str, Any]], fit, eva
     if fitting_uniform:
         ref_u = max(fitting_uniform, key=lambda u: (u["bitops"], u["bits"]))
         ref = [c for c in cands if c["source"] == f"uniform {ref_u['label']}"][0]
-    if ref is not None and margin > 0 and best is not ref:
-        z = evaluator.paired_z(best["config"], ref["config"], select)
-        best = dict(best, z_vs_uniform=z, uniform_ref=ref_u["label"])
-        if z < margin:
-            best = dict(ref, z_vs_uniform=z, uniform_ref=ref_u["label"],
-                        source=f"uniform {ref_u['label']}: the best candidate ({best['source']}) "
-                               f"beats it by only {z:.2f} s.e. < margin {margin:g}")
-    if refine is not None:
-        res = refine(best["config"])
-        if len(res.path) > 1:
-            final = res.final
-            moves = ", ".join(str(s.move) for s in res.path[1:])
-            best = dict(best, config=final.config, acc=final.result["acc"], loss=final.result["loss"],
-                        bitops=final.bitops, refined_from=best["source"],
-                        source=f"{best['source'].split(':')[0]} refined by {len(res.path) - 1} "
-                               f"move(s): {moves}")
-            if ref is not None:
-                best["z_vs_uniform"] = evaluator.paired_z(best["config"], ref["config"], select)
-                best["uniform_ref"] = ref_u["label"]
-    return best
+
+    def refined(start: Dict[str, Any]) -> Dict[str, Any]:
+        if refine is None:
+            return start
+        res = refine(start["config"])
+        if len(res.path) <= 1:
+            return start
+        final = res.final
+        moves = ", ".join(str(s.move) for s in res.path[1:])
+        return dict(start, config=final.config, acc=final.result["acc"], loss=final.result["loss"],
+                    bitops=final.bitops, refined_from=start["source"],
+                    source=f"{start['source']} refined by {len(res.path) - 1} move(s): {moves}")
+
+    if ref is None:
+        return refined(best)
+    tried = []
+    for start in ([best] if best is ref else [best, ref]):
+        cand = refined(start)
+        if cand["config"] == ref["config"]:
+            if not tried:
+                return ref
+            continue
+        z = evaluator.paired_z(cand["config"], ref["config"], select) if margin > 0 else math.inf
+        cand = dict(cand, z_vs_uniform=z, uniform_ref=ref_u["label"])
+        if z >= margin:
+            return cand
+        tried.append(cand)
+    if not tried:
+        return ref
+    closest = max(tried, key=lambda c: c["z_vs_uniform"])
+    return dict(ref, z_vs_uniform=closest["z_vs_uniform"], uniform_ref=ref_u["label"],
+                source=f"uniform {ref_u['label']}: the best candidate ({closest['source']}) beats it "
+                       f"by only {closest['z_vs_uniform']:.2f} s.e. < margin {margin:g}")
 
 
 # ----------------------------------------------------------------------------------------------- run
@@ -370,8 +386,10 @@ def run(args) -> int:
     for name in ("calib_size", "batch_size", "bn_batches", "top_k", "proxy_batches", "refine_top_k"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(args, name)}")
-    if args.eval_size < 0 or args.refine_steps < 0 or args.refresh < 0 or args.workers < 0 or not args.margin >= 0:
-        raise UserError("--eval-size, --refine-steps, --refresh, --workers and --margin must not be negative")
+    if (args.eval_size < 0 or args.refine_steps < 0 or args.refresh < 0 or args.workers < 0
+            or not args.margin >= 0 or not args.refine_margin >= 0):
+        raise UserError("--eval-size, --refine-steps, --refresh, --workers, --margin and --refine-margin "
+                        "must not be negative")
 
     device, dist_here = _init_distributed(args.device)
     try:
@@ -522,7 +540,7 @@ def run(args) -> int:
                                           cost_kind="size" if size_only else "bitops",
                                           top_k=args.refine_top_k, max_iters=args.refine_steps,
                                           metric="loss" if args.select == "loss" else "err",
-                                          margin=args.margin)
+                                          margin=args.refine_margin)
                     spent = counter - before_r
                     for f in ("eval_forwards", "bn_forwards", "proxy_forwards", "evaluations",
                               "proxy_evaluations", "samples"):
@@ -622,6 +640,7 @@ def run(args) -> int:
                      "min_size_bytes": min_size, "input_size": input_size},
             "search": {"strategy": args.strategy, "score": args.score, "metric": args.metric,
                        "select": args.select, "margin": args.margin, "refine": bool(args.refine),
+                       "refine_margin": args.refine_margin,
                        "refine_top_k": args.refine_top_k, "refine_steps": args.refine_steps,
                        "refine_forwards": refine_counts.as_dict(),
                        "top_k": args.top_k, "refresh": args.refresh, "proxy_batches": args.proxy_batches,
@@ -643,6 +662,10 @@ def run(args) -> int:
                    for r in results]
             pareto_mod.plot(os.path.join(out_dir, "pareto.png"), result.path, uniform, sel,
                             title=f"{model_name}: greedy mixed-precision path ({args.strategy})")
+        if args.refine and args.refine_steps > 0:
+            _log(f"refinement: {refine_counts.forwards} subnet forward passes ({refine_counts.evaluations} "
+                 f"exact + {refine_counts.proxy_evaluations} proxy evaluations) over "
+                 f"{len(targets) + len(comparison)} budget(s)", main)
         for r in results:
             _log(f"budget {r['budget']['text']}: {format_bitops(r['bitops'])} BitOPs, "
                  f"{format_bytes(r['size_bytes'])}, accuracy {100 * r['accuracy']:.2f}% on "

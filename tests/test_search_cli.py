@@ -48,7 +48,8 @@ def test_help_runs_as_a_script_from_the_repo_root():
                          text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr
     for opt in ("--checkpoint", "--budget", "--budget-size", "--budget-ratio", "--budgets",
-                "--calib-size", "--bn-batches", "--strategy", "--export", "--no-export", "--device"):
+                "--calib-size", "--bn-batches", "--strategy", "--export", "--no-export", "--device",
+                "--refine", "--no-refine", "--refine-top-k", "--refine-steps", "--margin", "--select"):
         assert opt in out.stdout
 
 
@@ -68,6 +69,8 @@ def test_search_outputs_budget_and_exported_accuracy(searched, ckpt, w3a3_bitops
         assert doc["checkpoint_sha256"] == hashlib.sha256(f.read()).hexdigest()
     assert doc["model"] == "small_cnn" and doc["eval_samples"] == 256
     assert doc["search"]["forwards"]["forwards"] > 0 and doc["search"]["strategy"] == "fast"
+    # the refinement ran (its forward passes are counted) and kept the pick within the budget
+    assert doc["search"]["refine"] is True and doc["search"]["refine_forwards"]["forwards"] > 0
 
     # the reported accuracy is the exported model's on the held-out evaluation samples, exactly
     from mpq.data import build_datasets
@@ -145,6 +148,7 @@ def _other_checkpoints(tmp_path, ckpt):
     ("below_min", "minimum achievable"), ("size_below_min", "minimum achievable size"),
     ("size_kind", "size budget is expected"), ("mixed_lists", "cannot be combined"),
     ("calib_too_big", "leaves no held-out samples"),
+    ("refine_top_k", "--refine-top-k: must be at least 1"), ("refine_steps", "must not be negative"),
 ])
 def test_user_errors_exit_2_with_one_line(case, expect, ckpt, tmp_path, capsys):
     plain, wrong_weights, other_model = _other_checkpoints(tmp_path, ckpt) if case in (
@@ -160,6 +164,8 @@ def test_user_errors_exit_2_with_one_line(case, expect, ckpt, tmp_path, capsys):
         "size_kind": ["--checkpoint", ckpt, "--budget-size", "22.8G"],
         "mixed_lists": ["--checkpoint", ckpt, "--budget", "1G", "--budgets", "1G,2G"],
         "calib_too_big": ["--checkpoint", ckpt, "--calib-size", "10000"],
+        "refine_top_k": ["--checkpoint", ckpt, "--refine-top-k", "0"],
+        "refine_steps": ["--checkpoint", ckpt, "--refine-steps", "-1"],
     }.get(case, ["--checkpoint", ckpt, "--budget", case])
     rc = main(args + out)
     err = capsys.readouterr().err.strip().splitlines()
@@ -237,22 +243,50 @@ def test_pick_config_keeps_the_uniform_config_unless_a_mixed_one_is_clearly_bett
     assert pick_config(worse_path, uniform, fit16, None)["source"] == "uniform W4A4"
     assert pick_config(path, uniform, lambda c: False, None) == {}
     assert pick_config(path, [], fit9, None)["source"] == "path step 1"
-    # a refinement that moves: its final configuration is returned, tested against the uniform one
-    from search.greedy import Move, SearchResult, Swap
-    seen = []
 
-    def refine(cfg):
-        seen.append(cfg)
+
+def test_pick_config_refines_and_a_refined_mixed_config_must_beat_the_uniform_one():
+    from search.cli import pick_config
+    from search.greedy import Move, SearchResult, Step, Swap
+
+    class ZByConfig:   # paired z of a configuration against the uniform W3A3 one
+        def __init__(self, z):
+            self.z = z
+
+        def paired_z(self, a, b, what):
+            assert b == {"l": (3, 3)}
+            return self.z[a["l"]]
+
+    uniform = [{"bits": b, "label": f"W{b}A{b}", "config": {"l": (b, b)}, "bitops": b * b * 1.0,
+                "acc": 0.75 + 0.05 * (b - 1), "loss": 0.35 - 0.1 * (b - 1)} for b in (2, 3)]
+    path = [Step(0, {"l": (3, 2)}, 6.0, 0.2, {"acc": 0.80, "loss": 0.2}, bitops=6.0)]
+    fit9 = lambda c: c["l"][0] * c["l"][1] <= 9
+    starts = []
+
+    def refine(cfg):   # moves W3A3 to W4A2 (within 9 BitOPs), anything else nowhere
+        starts.append(cfg)
+        first = Step(0, cfg, 9.0, 0.15, {"acc": 0.85, "loss": 0.15}, bitops=9.0)
+        if cfg != {"l": (3, 3)}:
+            return SearchResult([first], "refine", "delta", "loss")
         mv = Swap((Move("l", "w", 3, 4), Move("l", "a", 3, 2)))
-        return SearchResult([Step(0, cfg, 9.0, 0.15, {"acc": 0.85, "loss": 0.15}, bitops=9.0),
-                             Step(1, {"l": (4, 2)}, 8.0, 0.12, {"acc": 0.87, "loss": 0.12}, mv,
-                                  bitops=8.0)], "refine", "delta", "loss")
-    refined = pick_config(path, uniform, fit9, FakeEvaluator(1.5), margin=2.0, refine=refine)
-    assert seen == [{"l": (3, 3)}]            # refined from the uniform configuration that was kept
-    assert refined["config"] == {"l": (4, 2)} and refined["loss"] == 0.12
-    assert refined["source"] == "uniform W3A3 refined by 1 move(s): l.w3->4+l.a3->2"
-    assert refined["z_vs_uniform"] == 1.5 and refined["refined_from"].startswith("uniform W3A3")
-    # a refinement that finds nothing leaves the pick alone
+        return SearchResult([first, Step(1, {"l": (4, 2)}, 8.0, 0.12, {"acc": 0.87, "loss": 0.12}, mv,
+                                         bitops=8.0)], "refine", "delta", "loss")
+    # the uniform W3A3 is the best start: refined, the result beats it by 2.5 >= 2 s.e.
+    got = pick_config(path, uniform, fit9, ZByConfig({(4, 2): 2.5}), margin=2.0, refine=refine)
+    assert starts == [{"l": (3, 3)}]
+    assert got["config"] == {"l": (4, 2)} and got["loss"] == 0.12 and got["z_vs_uniform"] == 2.5
+    assert got["source"] == "uniform W3A3 refined by 1 move(s): l.w3->4+l.a3->2"
+    # not by enough: the uniform configuration is kept, and says why
+    kept = pick_config(path, uniform, fit9, ZByConfig({(4, 2): 1.5}), margin=2.0, refine=refine)
+    assert kept["config"] == {"l": (3, 3)} and "1.50 s.e. < margin 2" in kept["source"]
+    # a path point that is best but not clearly better than uniform: refined from it (no move), it
+    # fails the margin, so the refinement starts again from the uniform configuration and passes
+    starts.clear()
+    better_path = [Step(0, {"l": (3, 2)}, 6.0, 0.1, {"acc": 0.86, "loss": 0.1}, bitops=6.0)]
+    got = pick_config(better_path, uniform, fit9, ZByConfig({(3, 2): 1.0, (4, 2): 3.0}), margin=2.0,
+                      refine=refine)
+    assert starts == [{"l": (3, 2)}, {"l": (3, 3)}] and got["config"] == {"l": (4, 2)}
+    # a refinement that finds nothing leaves the uniform pick alone
     still = lambda cfg: SearchResult([Step(0, cfg, 9.0, 0.15, {"acc": 0.85, "loss": 0.15})],
                                      "refine", "delta", "loss")
-    assert pick_config(path, uniform, fit9, FakeEvaluator(1.0), margin=2.0, refine=still)["config"] == {"l": (3, 3)}
+    assert pick_config(path, uniform, fit9, ZByConfig({}), margin=2.0, refine=still)["config"] == {"l": (3, 3)}
