@@ -99,7 +99,7 @@ def test_checkpoint_of_another_model_or_bit_set_is_refused(tmp_path, capsys):
     path = tmp_path / "tiny" / "supernet.pt"
     with pytest.raises(UserError, match=r"different supernet \(quant\.w_bits: checkpoint has \[2, 4\]"):
         Trainer(tiny_config(tmp_path, f"train.resume={path}", name="other")).fit()
-    with pytest.raises(UserError, match=r"different supernet \(model\.name: checkpoint has 'small_cnn'"):
+    with pytest.raises(UserError, match=r"different supernet \(model\.name: checkpoint has 'small_mobilenet'"):
         Trainer(tiny_config(tmp_path, f"train.resume={path}", "model.name=resnet20",
                             "quant.w_bits=[2,4]", name="other2")).fit()
     # auto-resume into a run folder that holds another supernet is refused too, via the CLI: exit 2
