@@ -290,3 +290,29 @@ def test_pick_config_refines_and_a_refined_mixed_config_must_beat_the_uniform_on
     still = lambda cfg: SearchResult([Step(0, cfg, 9.0, 0.15, {"acc": 0.85, "loss": 0.15})],
                                      "refine", "delta", "loss")
     assert pick_config(path, uniform, fit9, ZByConfig({}), margin=2.0, refine=still)["config"] == {"l": (3, 3)}
+
+
+def test_no_refine_and_size_budget_refinement_moves_weights_only(ckpt, tmp_path):
+    out = str(tmp_path / "n")
+    assert main(["--checkpoint", ckpt, "--budget-ratio", "0.3", "--out", out, "--no-refine",
+                 "--no-compare-uniform", "--no-export", *FAST]) == 0
+    with open(os.path.join(out, "config.json")) as f:
+        doc = json.load(f)
+    assert doc["search"]["refine"] is False and doc["search"]["refine_forwards"]["forwards"] == 0
+    assert "refined" not in doc["source"]
+    # a size budget: the refinement may only move weight bit-widths (activations cost no size)
+    from search.greedy import refine_supernet, search_supernet
+    from search.evaluator import Evaluator
+    net, _ = load_supernet(ckpt)
+    from mpq.data import build_datasets
+    val = build_datasets("fashion_mnist", seed=0).val
+    ev = Evaluator(net, torch.utils.data.Subset(val, range(256)), bn_batches=1, batch_size=128)
+    cost = CostModel(net, (1, 1, 28, 28))
+    limit = cost.size_bytes(mpq.uniform_config(net, 3, 3))
+    start = mpq.uniform_config(net, 2, 2)
+    res = refine_supernet(net, ev, cost, start, lambda c: cost.size_bytes(c) <= limit, cost_kind="size",
+                          margin=0.0)
+    assert len(res.path) > 1   # it moved
+    for step in res.path:
+        assert cost.size_bytes(step.config) <= limit
+        assert all(step.config[n][1] == start[n][1] for n in start)   # activations untouched
