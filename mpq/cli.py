@@ -14,7 +14,7 @@ from .errors import UserError
 
 USAGE_EXAMPLES = """\
 examples:
-  python train.py                                        # embedded default: small CNN, Fashion-MNIST, CPU
+  python train.py                                        # embedded default: small_mobilenet, Fashion-MNIST, CPU
   python train.py train.epochs=1 output.name=quick       # any key can be overridden
   python train.py --config configs/cifar10_resnet20.yaml data.root=/data/cifar
   python train.py --config configs/imagenet_resnet18.yaml data.root=/data/imagenet train.epochs=150

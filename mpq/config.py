@@ -31,8 +31,8 @@ model:
 data:
   name: fashion_mnist        # fashion_mnist | cifar10 | cifar100 | imagenet
   root: null                 # null: /usr/share/datasets/fashion-mnist (fashion_mnist only)
-  train_subset: 55000        # seeded random subset of the training set (null: all); the 5000
-                             # left out are search.py's calibration images
+  train_subset: 55000        # seeded random subset of the training set (null: all); search.py
+                             # draws its calibration images from the 5000 left out
   val_subset: null           # held-out subset for the per-epoch evaluation (null: all of it)
   seed: 0                    # data order and subsets
   batch_size: 128            # GLOBAL batch size (split across DDP ranks and micro-batches)

@@ -211,7 +211,7 @@ class Trainer:
                                      num_workers=d["workers"], pin_memory=pin)
 
         # model
-        from .models import LOCAL_MODELS
+        from .models import LOCAL_MODELS, WIDTH_MODELS
         if cfg["model"]["name"] not in LOCAL_MODELS and self.info.in_channels != 3:
             raise UserError(f"model.name: {cfg['model']['name']!r} (a torchvision model) takes 3-channel "
                             f"images, but data.name {d['name']!r} has {self.info.in_channels} channel(s); "
@@ -226,7 +226,7 @@ class Trainer:
             raise UserError(f"quant.{e}") from None
         self.spec = spec_of(cfg, num_classes, self.info.in_channels, self.info.input_size)
         # Record the width actually built, so the checkpoint does not depend on a later default.
-        if hasattr(float_model, "width"):
+        if cfg["model"]["name"] in WIDTH_MODELS:
             self.spec["model"]["width"] = float_model.width
         self.net.to(self.device)
         if t["channels_last"]:

@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from mpq.errors import UserError
 
 from .budget import ACCEPTED, Budget, format_bitops, format_bytes, parse_budget, parse_budget_list
+from .greedy import DEFAULT_REFINE_ITERS, DEFAULT_REFINE_TOP_K
 
 DEFAULT_CHECKPOINT = os.path.join("runs", "default", "supernet.pt")
 DEFAULT_CALIB_SIZE = 4096
@@ -31,8 +32,6 @@ DEFAULT_BATCH_SIZE = 256
 DEFAULT_BN_BATCHES = 8
 DEFAULT_MARGIN = 2.0
 DEFAULT_REFINE_MARGIN = 1.0
-DEFAULT_REFINE_TOP_K = 6
-DEFAULT_REFINE_ITERS = 20
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--refine-steps", type=int, default=DEFAULT_REFINE_ITERS,
                    help="refinement: at most this many moves per budget")
     s.add_argument("--refine-margin", type=float, default=DEFAULT_REFINE_MARGIN,
-                   help="refinement: a move is taken only if it lowers the calibration loss by this "
-                        "many standard errors of the paired per-sample difference")
+                   help="refinement: a move is taken only if it improves the calibration loss (--select "
+                        "acc: accuracy) by this many standard errors of the paired per-sample difference")
     o = p.add_argument_group("output")
     o.add_argument("--export", action=argparse.BooleanOptionalAction, default=True,
                    help="write model_fixed.pt (the accuracy of the fixed model is measured either way)")
@@ -345,9 +344,9 @@ def pick_config(path: Sequence[Any], uniform: Sequence[Dict[str, Any]], fit, eva
             if not tried:
                 return ref
             continue
-        z = evaluator.paired_z(cand["config"], ref["config"], select) if margin > 0 else math.inf
+        z = evaluator.paired_z(cand["config"], ref["config"], select)
         cand = dict(cand, z_vs_uniform=z, uniform_ref=ref_u["label"])
-        if z >= margin:
+        if margin <= 0 or z >= margin:
             return cand
         tried.append(cand)
     if not tried:
@@ -531,20 +530,17 @@ def run(args) -> int:
 
         refine_counts = ForwardCounter()
 
-        def pick(fit) -> Dict[str, Any]:
+        def pick(fit, cost_kind: str) -> Dict[str, Any]:
             refine = None
             if args.refine and args.refine_steps > 0:
                 def refine(cfg):
                     before_r = counter.copy()
                     res = refine_supernet(net, evaluator, cost, cfg, fit, strategy=args.strategy,
-                                          cost_kind="size" if size_only else "bitops",
+                                          cost_kind=cost_kind,
                                           top_k=args.refine_top_k, max_iters=args.refine_steps,
                                           metric="loss" if args.select == "loss" else "err",
                                           margin=args.refine_margin)
-                    spent = counter - before_r
-                    for f in ("eval_forwards", "bn_forwards", "proxy_forwards", "evaluations",
-                              "proxy_evaluations", "samples"):
-                        setattr(refine_counts, f, getattr(refine_counts, f) + getattr(spent, f))
+                    refine_counts.add(counter - before_r)
                     return res
             return pick_config(result.path, uniform, fit, evaluator, args.select, args.margin, refine)
 
@@ -556,7 +552,7 @@ def run(args) -> int:
         results = []
         float_bytes = float_model_bytes(net)
         for i, t in enumerate(targets):
-            chosen = pick(lambda c, t=t: t.fits(cost, c))
+            chosen = pick(lambda c, t=t: t.fits(cost, c), "size" if t.max_bitops is None else "bitops")
             if not chosen:
                 raise UserError(f"budget {t.label!r}: no configuration on the search path fits "
                                 f"(use --full-path)")
@@ -602,7 +598,7 @@ def run(args) -> int:
             for u in uniform:
                 ur = evaluator.evaluate(u["config"], eval_set)
                 cmp_bar.update(1)
-                chosen = pick(lambda c, u=u: cost.bitops(c) <= u["bitops"])
+                chosen = pick(lambda c, u=u: cost.bitops(c) <= u["bitops"], "bitops")
                 sr = evaluator.evaluate(chosen["config"], eval_set) if chosen else None
                 cmp_bar.update(1)
                 comparison.append({

@@ -76,6 +76,12 @@ class ForwardCounter:
                                 ("eval_forwards", "bn_forwards", "proxy_forwards", "evaluations",
                                  "proxy_evaluations", "samples")))
 
+    def add(self, other: "ForwardCounter") -> None:
+        """Add ``other``'s counts to this counter, in place."""
+        for f in ("eval_forwards", "bn_forwards", "proxy_forwards", "evaluations", "proxy_evaluations",
+                  "samples"):
+            setattr(self, f, getattr(self, f) + getattr(other, f))
+
     def copy(self) -> "ForwardCounter":
         return self - ForwardCounter()
 

@@ -36,9 +36,10 @@ taken when it lowers the exact metric (and passes an optional ``accept`` test, e
 significance test); repeated until nothing improves. This is the reference search's bidirectional
 step, applied where it matters: at the budget.
 
-The algorithms (:func:`greedy_search`, :func:`refine_search`) are pure: it takes a cost function and evaluation functions over
-configurations ``{layer: (w_bits, a_bits)}``, so it is testable on a constructed table;
-:func:`search_supernet` binds it to a supernet, an :class:`~search.evaluator.Evaluator` and the cost model.
+The algorithms (:func:`greedy_search`, :func:`refine_search`) are pure: they take a cost function and
+evaluation functions over configurations ``{layer: (w_bits, a_bits)}``, so they are testable on a
+constructed table; :func:`search_supernet` and :func:`refine_supernet` bind them to a supernet, an
+:class:`~search.evaluator.Evaluator` and the cost model.
 """
 from __future__ import annotations
 
@@ -365,7 +366,7 @@ def refine_search(start: Mapping[str, Tuple[int, int]], choices: Choices,
             stopped = "no move up"
             break
         p_base = single(base)
-        delta = {mv: single(mv.apply(base)) - p_base for mv in ups}
+        delta: Dict[Move, float] = {}   # single-move deltas, measured only for moves in a fitting option
         cands: Dict[Tuple, Tuple[float, Tuple[int, ...], Swap, Config]] = {}
         for up in ups:
             first = up.apply(base)
@@ -375,8 +376,9 @@ def refine_search(start: Mapping[str, Tuple[int, int]], choices: Choices,
                 cfg = sw.apply(base) if len(sw.moves) > 1 else first
                 if not fits(cfg):
                     continue
-                if len(sw.moves) > 1 and sw.moves[1] not in delta:
-                    delta[sw.moves[1]] = single(sw.moves[1].apply(base)) - p_base
+                for mv in sw.moves:
+                    if mv not in delta:
+                        delta[mv] = single(mv.apply(base)) - p_base
                 pred = sum(delta[mv] for mv in sw.moves)
                 rank = tuple(order[(mv.layer, mv.kind)] for mv in sw.moves)
                 key = config_key(cfg)
@@ -432,6 +434,16 @@ class CostModel:
         return float(sum(m * 64 for m in self.counter.macs.values()))
 
 
+def _annotator(cost: CostModel, progress: Optional[Callable[[Step], None]]) -> Callable[[Step], None]:
+    """A path callback that fills a step's ``bitops`` and ``size_bytes`` and then calls ``progress``."""
+    def annotate(step: Step) -> None:
+        step.bitops = cost.bitops(step.config)
+        step.size_bytes = cost.size_bytes(step.config)
+        if progress:
+            progress(step)
+    return annotate
+
+
 def layer_choices(net) -> Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...]]]:
     """``{layer: (w_candidates, a_candidates)}`` of a supernet."""
     from mpq.supernet import quant_layers
@@ -469,11 +481,7 @@ def search_supernet(net, evaluator, cost: CostModel, *, max_bitops: Optional[flo
                 and (max_size is None or cost.size_bytes(cfg) <= max_size)
                 and (fits is None or bool(fits(cfg))))
 
-    def annotate(step: Step) -> None:
-        step.bitops = cost.bitops(step.config)
-        step.size_bytes = cost.size_bytes(step.config)
-        if progress:
-            progress(step)
+    annotate = _annotator(cost, progress)
 
     return greedy_search(dict(start) if start is not None else max_config(net), layer_choices(net),
                          cost_fn, evaluator.exact,
@@ -494,22 +502,19 @@ def refine_supernet(net, evaluator, cost: CostModel, start: Mapping[str, Tuple[i
     strategy) or ``evaluator.exact`` (naive); a move is accepted only when the new configuration
     beats the current one by ``margin`` standard errors of the paired per-sample difference on the
     calibration samples (:meth:`~search.evaluator.Evaluator.paired_z`; ``metric`` ``"err"`` tests
-    accuracy). ``cost_kind="size"`` moves weight bit-widths only."""
+    accuracy). ``cost_kind`` (``"bitops"`` or ``"size"``) is the cost recorded in the path; weights
+    and activations both move (under a size budget raising activation bits is free, and ``fits``
+    keeps every step within the budget)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: {strategy!r} is not allowed; allowed: {list(STRATEGIES)}")
 
     def accept(new: Config, cur: Config) -> bool:
         return margin <= 0 or evaluator.paired_z(new, cur, "acc" if metric == "err" else "loss") >= margin
 
-    def annotate(step: Step) -> None:
-        step.bitops = cost.bitops(step.config)
-        step.size_bytes = cost.size_bytes(step.config)
-        if progress:
-            progress(step)
+    annotate = _annotator(cost, progress)
 
     return refine_search(start, layer_choices(net), cost.size_bytes if cost_kind == "size" else cost.bitops,
                          evaluator.exact, fits,
                          proxy_fn=evaluator.proxy if strategy == "fast" else None, metric=metric,
                          top_k=top_k, max_iters=max_iters,
-                         kinds=("w",) if cost_kind == "size" else ("w", "a"), accept=accept,
-                         progress=annotate)
+                         accept=accept, progress=annotate)

@@ -81,7 +81,7 @@ def test_small_mobilenet_layers_and_bitops_by_hand():
     for b in (2, 3, 4):
         cfg = mpq.uniform_config(net, b, b)
         assert search.bitops(net, cfg, (1, 1, 28, 28)) == (dw + pw) * b * b + pinned * 64
-    # 6-bit depthwise, 2-bit pointwise: cheaper than uniform 3 bits
+    # 6-bit depthwise, 2-bit pointwise: each layer at its own bits
     mixed = {}
     for n, m in mpq.quant_layers(net).items():
         pinned_layer = m.w_candidates == (8,)
