@@ -530,7 +530,12 @@ def run(args) -> int:
 
         refine_counts = ForwardCounter()
 
-        def pick(fit, cost_kind: str) -> Dict[str, Any]:
+        picked: Dict[Any, Dict[str, Any]] = {}
+
+        def pick(fit, cost_kind: str, key: Any) -> Dict[str, Any]:
+            """The answer for one budget (``key`` identifies it: the same budget is answered once)."""
+            if key in picked:
+                return picked[key]
             refine = None
             if args.refine and args.refine_steps > 0:
                 def refine(cfg):
@@ -542,7 +547,8 @@ def run(args) -> int:
                                           margin=args.refine_margin)
                     refine_counts.add(counter - before_r)
                     return res
-            return pick_config(result.path, uniform, fit, evaluator, args.select, args.margin, refine)
+            picked[key] = pick_config(result.path, uniform, fit, evaluator, args.select, args.margin, refine)
+            return picked[key]
 
         out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "search")
         if main:
@@ -552,7 +558,8 @@ def run(args) -> int:
         results = []
         float_bytes = float_model_bytes(net)
         for i, t in enumerate(targets):
-            chosen = pick(lambda c, t=t: t.fits(cost, c), "size" if t.max_bitops is None else "bitops")
+            chosen = pick(lambda c, t=t: t.fits(cost, c), "size" if t.max_bitops is None else "bitops",
+                          (t.max_bitops, t.max_size))
             if not chosen:
                 raise UserError(f"budget {t.label!r}: no configuration on the search path fits "
                                 f"(use --full-path)")
@@ -598,7 +605,7 @@ def run(args) -> int:
             for u in uniform:
                 ur = evaluator.evaluate(u["config"], eval_set)
                 cmp_bar.update(1)
-                chosen = pick(lambda c, u=u: cost.bitops(c) <= u["bitops"], "bitops")
+                chosen = pick(lambda c, u=u: cost.bitops(c) <= u["bitops"], "bitops", (u["bitops"], None))
                 sr = evaluator.evaluate(chosen["config"], eval_set) if chosen else None
                 cmp_bar.update(1)
                 comparison.append({
@@ -661,7 +668,7 @@ def run(args) -> int:
         if args.refine and args.refine_steps > 0:
             _log(f"refinement: {refine_counts.forwards} subnet forward passes ({refine_counts.evaluations} "
                  f"exact + {refine_counts.proxy_evaluations} proxy evaluations) over "
-                 f"{len(targets) + len(comparison)} budget(s)", main)
+                 f"{len(picked)} budget(s)", main)
         for r in results:
             _log(f"budget {r['budget']['text']}: {format_bitops(r['bitops'])} BitOPs, "
                  f"{format_bytes(r['size_bytes'])}, accuracy {100 * r['accuracy']:.2f}% on "
