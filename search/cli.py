@@ -540,11 +540,20 @@ def run(args) -> int:
             if args.refine and args.refine_steps > 0:
                 def refine(cfg):
                     before_r = counter.copy()
+                    rbar = tqdm(desc="refine", unit="move", disable=not show, leave=False,
+                                dynamic_ncols=True)
+
+                    def moved(step) -> None:
+                        if step.index > 0:
+                            rbar.update(1)
+                        rbar.set_postfix_str(f"{format_bitops(step.bitops)} BitOPs, "
+                                             f"loss {step.result['loss']:.4f}")
                     res = refine_supernet(net, evaluator, cost, cfg, fit, strategy=args.strategy,
                                           cost_kind=cost_kind,
                                           top_k=args.refine_top_k, max_iters=args.refine_steps,
                                           metric="loss" if args.select == "loss" else "err",
-                                          margin=args.refine_margin)
+                                          margin=args.refine_margin, progress=moved)
+                    rbar.close()
                     refine_counts.add(counter - before_r)
                     return res
             picked[key] = pick_config(result.path, uniform, fit, evaluator, args.select, args.margin, refine)
