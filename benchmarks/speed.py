@@ -3,7 +3,8 @@
     python benchmarks/speed.py [--out benchmarks/results/speed.json] [--kernel eager|compiled|both]
 
 1. supernet training step (one sampled config: forward + backward + SGD step) vs the float model's
-   step: torchvision ResNet-18 at 32x32 batch 64, and the embedded SmallCNN at 28x28 batch 256;
+   step: torchvision ResNet-18 at 32x32 batch 64, the embedded default small_mobilenet and the
+   previous default SmallCNN at 28x28 batch 256 (`--models` picks);
 2. exported fixed-precision model inference vs the float model;
 3. a full greedy search of a ResNet-18 supernet on a small calibration set: wall time and subnet
    forward passes, fast strategy vs naive greedy;
@@ -22,7 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Sequence
 
 import torch
 from torch import nn
@@ -55,6 +56,9 @@ def train_step_fn(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[
     return step
 
 
+MODELS = ("resnet18", "small_mobilenet", "small_cnn")
+
+
 def make_pair(name: str):
     """(float model, supernet of the same weights at W4A4, input batch, labels)."""
     torch.manual_seed(0)
@@ -62,8 +66,8 @@ def make_pair(name: str):
         import torchvision
         float_net = torchvision.models.resnet18(num_classes=10)
         x = torch.randn(64, 3, 32, 32)
-    else:
-        float_net = mpq.models.SmallCNN()
+    else:   # the embedded-default-sized models: small_mobilenet, small_cnn
+        float_net = mpq.build_model(name, num_classes=10, in_channels=1)
         x = torch.randn(256, 1, 28, 28)
     y = torch.randint(0, 10, (x.shape[0],))
     supernet = mpq.quantize_model(copy.deepcopy(float_net))
@@ -72,9 +76,9 @@ def make_pair(name: str):
     return float_net, supernet, x, y
 
 
-def bench_train_step(kernels: List[str]) -> List[Dict]:
+def bench_train_step(kernels: List[str], models: Sequence[str]) -> List[Dict]:
     rows = []
-    for name in ("resnet18", "small_cnn"):
+    for name in models:
         float_net, supernet, x, y = make_pair(name)
         for kernel in kernels:
             set_kernel(kernel)
@@ -90,11 +94,11 @@ def bench_train_step(kernels: List[str]) -> List[Dict]:
     return rows
 
 
-def bench_export() -> List[Dict]:
+def bench_export(models: Sequence[str]) -> List[Dict]:
     import tempfile
     from search.export import export, load_fixed
     rows = []
-    for name in ("resnet18", "small_cnn"):
+    for name in models:
         float_net, supernet, x, _ = make_pair(name)
         float_net.eval()
         supernet.eval()
@@ -168,10 +172,10 @@ print(base, status("VmHWM"))
 """
 
 
-def bench_memory() -> List[Dict]:
+def bench_memory(models: Sequence[str]) -> List[Dict]:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     rows = []
-    for name in ("resnet18", "small_cnn"):
+    for name in models:
         peak = {}
         for quant in (False, True):
             code = CHILD.format(root=root, name=name, quant=quant)
@@ -202,16 +206,21 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/results/speed.json")
     ap.add_argument("--kernel", choices=["eager", "compiled", "both"], default="both")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: train,export,search,memory")
+    ap.add_argument("--models", default=",".join(MODELS),
+                    help="models of the train/export/memory sections (comma list of " + ", ".join(MODELS) + ")")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
+    models = [m for m in args.models.split(",") if m]
+    if not models or any(m not in MODELS for m in models):
+        ap.error(f"--models: expected a comma list of {', '.join(MODELS)}, got {args.models!r}")
     kernels = ["eager", "compiled"] if args.kernel == "both" else [args.kernel]
     result = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                           "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                           "torch": torch.__version__}}
-    sections = [("train", "1. training step: supernet / float", lambda: bench_train_step(kernels)),
-                ("export", "2. inference: exported fixed-precision / float", bench_export),
+    sections = [("train", "1. training step: supernet / float", lambda: bench_train_step(kernels, models)),
+                ("export", "2. inference: exported fixed-precision / float", lambda: bench_export(models)),
                 ("search", "3. greedy search on ResNet-18", bench_search),
-                ("memory", "4. peak memory of training: supernet / float", bench_memory)]
+                ("memory", "4. peak memory of training: supernet / float", lambda: bench_memory(models))]
     for key, title, fn in sections:
         if key in skip:
             continue
