@@ -338,8 +338,8 @@ def task_supernet(s: Dict[str, Any], variant: str, seed: int, do_search: bool) -
                     "acc": acc, "calib_acc": 100.0 * step.result["acc"], "path_index": step.index,
                     "same_as_uniform": cfg_tuple(step.config) == uni}
             # what search.py returns for this budget, with its defaults: the best path point or
-            # uniform config by calibration loss (the largest fitting uniform config is kept unless
-            # beaten by --margin standard errors), then refined by bidirectional moves in the budget
+            # uniform config by calibration loss, refined by bidirectional moves in the budget, kept
+            # only if it beats the largest fitting uniform config by --margin standard errors
             if pick_config is not None:
                 try:
                     from search.cli import (DEFAULT_MARGIN, DEFAULT_REFINE_ITERS, DEFAULT_REFINE_MARGIN,
@@ -779,8 +779,8 @@ def markdown(result: Dict[str, Any]) -> str:
         lines += ["### 1. Searched mixed precision vs uniform, same supernet, equal BitOPs", "",
                   "greedy = the first greedy-path point within the budget; search.py = what `search.py` "
                   "returns with its defaults (the best path point or uniform config by calibration loss, "
-                  "the largest fitting uniform config kept unless beaten by --margin standard errors, then "
-                  "the bidirectional refinement within the budget).", "",
+                  "refined by bidirectional moves within the budget, kept only if it beats the largest "
+                  "fitting uniform config by --margin standard errors, else that uniform config).", "",
                   "| budget | MBitOPs | uniform | greedy | greedy − uniform | greedy better? | search.py | search.py − uniform | search.py better? | search.py mixed | search.py configs (w/a per layer) |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in sm["search_vs_uniform"]:

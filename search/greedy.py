@@ -369,11 +369,10 @@ def refine_search(start: Mapping[str, Tuple[int, int]], choices: Choices,
         delta: Dict[Move, float] = {}   # single-move deltas, measured only for moves in a fitting option
         cands: Dict[Tuple, Tuple[float, Tuple[int, ...], Swap, Config]] = {}
         for up in ups:
-            first = up.apply(base)
             options = [Swap((up,))] + [Swap((up, dn)) for dn in downs
                                        if (dn.layer, dn.kind) != (up.layer, up.kind)]
             for sw in options:
-                cfg = sw.apply(base) if len(sw.moves) > 1 else first
+                cfg = sw.apply(base)
                 if not fits(cfg):
                     continue
                 for mv in sw.moves:
