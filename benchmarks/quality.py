@@ -65,13 +65,28 @@ from mpq.quantizer import FLOAT_BITS, qrange  # noqa: E402
 from mpq.supernet import get_bits, quant_layers, set_bits, uniform_config  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
-SUPERNET_VARIANTS = {          # name: (scheduler.enabled, idm.enabled); distillation on in all four
-    "plain": (False, False),
-    "+scheduler": (True, False),
-    "+IDM": (False, True),
-    "+scheduler+IDM": (True, True),
+# mpq's scheduler and IDM before the paper's rules became the defaults (commit 5710f6c)
+PREVIOUS_SCHEDULER = ["scheduler.schedule=periodic", "scheduler.which=most_turbulent",
+                      "scheduler.cumulative=true", "scheduler.ema=0.9", "scheduler.measure=all",
+                      "scheduler.round=ceil"]
+PREVIOUS_IDM = ["idm.reduction=mean", "idm.features=post_bn"]
+PAPER_SCHEDULER = ["scheduler.schedule=reference", "scheduler.which=lowest", "scheduler.cumulative=false",
+                   "scheduler.ema=0.0", "scheduler.measure=allowed", "scheduler.round=floor"]
+PAPER_IDM = ["idm.reduction=sum", "idm.features=reference"]
+RECIPE_PAPER = os.path.join(ROOT, "configs", "recipe_paper.yaml")
+# name: config overrides over the embedded default (distillation on in all of them); the recipe
+# variants also merge a config file (VARIANT_CONFIG)
+SUPERNET_VARIANTS: Dict[str, List[str]] = {
+    "default": [],                                            # the embedded default, as it is
+    "plain": ["scheduler.enabled=false", "idm.enabled=false"],
+    "+scheduler (paper)": ["scheduler.enabled=true", *PAPER_SCHEDULER, "idm.enabled=false"],
+    "+IDM (paper)": ["scheduler.enabled=false", "idm.enabled=true", *PAPER_IDM],
+    "+both (paper)": ["scheduler.enabled=true", *PAPER_SCHEDULER, "idm.enabled=true", *PAPER_IDM],
+    "previous defaults": ["scheduler.enabled=true", *PREVIOUS_SCHEDULER, "idm.enabled=true", *PREVIOUS_IDM],
+    "paper recipe": [],
 }
-FULL = "+scheduler+IDM"        # = the embedded default
+VARIANT_CONFIG = {"paper recipe": RECIPE_PAPER}
+FULL = "default"               # = the embedded default (sections 1 and 2)
 BUDGET_BITS = (2, 3, 4)
 UNIFORM_BITS = (2, 3, 4, 5, 6)
 R2_KINDS = ("linf", "margin", "softminmax")
@@ -223,7 +238,8 @@ def make_trainer_class():
     return BenchTrainer
 
 
-def trainer_cfg(s: Dict[str, Any], seed: int, workdir: str, name: str, overrides: Sequence[str]):
+def trainer_cfg(s: Dict[str, Any], seed: int, workdir: str, name: str, overrides: Sequence[str],
+                config_path: Optional[str] = None):
     from mpq.config import load_config
     base = [f"train.epochs={s['epochs']}",
             f"data.train_subset={'null' if s['train_subset'] is None else s['train_subset']}",
@@ -233,15 +249,15 @@ def trainer_cfg(s: Dict[str, Any], seed: int, workdir: str, name: str, overrides
             "eval.uniform_bits=[]", "eval.random_configs=0", "eval.every_epochs=1000"]
     if s.get("max_steps"):
         base.append(f"train.max_steps={s['max_steps']}")
-    return load_config(overrides=base + list(overrides))
+    return load_config(config_path, overrides=base + list(overrides))
 
 
 def train(s: Dict[str, Any], seed: int, name: str, overrides: Sequence[str],
-          fixed: Optional[Callable] = None) -> Tuple[Any, Dict[str, Any]]:
+          fixed: Optional[Callable] = None, config_path: Optional[str] = None) -> Tuple[Any, Dict[str, Any]]:
     """Run the trainer in a scratch folder (its log goes to a file); returns (trainer, info)."""
     BenchTrainer = make_trainer_class()
     workdir = tempfile.mkdtemp(prefix="mpq-quality-")
-    cfg = trainer_cfg(s, seed, workdir, name, overrides)
+    cfg = trainer_cfg(s, seed, workdir, name, overrides, config_path)
     log_path = os.path.join(workdir, "train.log")
     t0 = time.time()
     try:
@@ -271,10 +287,10 @@ def train(s: Dict[str, Any], seed: int, name: str, overrides: Sequence[str],
 def task_supernet(s: Dict[str, Any], variant: str, seed: int, do_search: bool) -> Dict[str, Any]:
     """Train one supernet variant; test accuracy of the uniform configs; with ``do_search`` the
     greedy path and the searched configs at the uniform budgets."""
-    sched, idm = SUPERNET_VARIANTS[variant]
-    tr, out = train(s, seed, f"supernet-{variant}", [f"scheduler.enabled={str(sched).lower()}",
-                                                     f"idm.enabled={str(idm).lower()}"])
-    net = tr.net
+    tr, out = train(s, seed, f"supernet-{variant}", SUPERNET_VARIANTS[variant],
+                    config_path=VARIANT_CONFIG.get(variant))
+    # the net evaluated and searched: the EMA when the recipe keeps one (what search.py loads)
+    net = tr.ema.module if getattr(tr, "ema", None) is not None else tr.net
     data = EvalData(s, seed)
     ev = data.evaluator(net)
     t0 = time.time()
@@ -287,9 +303,15 @@ def task_supernet(s: Dict[str, Any], variant: str, seed: int, do_search: bool) -
     from search.greedy import CostModel
     cost = CostModel(net, data.input_size)
     for b in UNIFORM_BITS:
-        c = uniform_config(net, b, b)
+        try:
+            c = uniform_config(net, b, b)
+        except ValueError:   # e.g. depthwise layers without 2-bit candidates
+            continue
         out["uniform"][str(b)] = {"config": cfg_json(c), "bitops": cost.bitops(c),
                                   "acc": data.test_acc(ev, c)}
+    from mpq.supernet import max_config, min_config
+    for key, c in (("lowest", min_config(net, respect_frozen=False)), ("highest", max_config(net))):
+        out[key] = {"config": cfg_json(c), "bitops": cost.bitops(c), "acc": data.test_acc(ev, c)}
     if do_search:
         from search.greedy import search_supernet
         t1 = time.time()
@@ -609,7 +631,7 @@ def run_benchmark(s: Dict[str, Any], log: Callable[[str], None] = print,
                 json.dump({"settings": s, "partial": True, "runs": runs, "failed": runner.failed}, f)
             os.replace(tmp, partial_path)
         runner.on_progress = save_partial
-    need_full = bool(sections & {1, 2, 3})
+    need_full = bool(sections & {1, 2})
     need_search = bool(sections & {1, 2})
     variants = [v for v in SUPERNET_VARIANTS if v != FULL] if 3 in sections else []
 
@@ -720,16 +742,24 @@ def summarize(s, runs, sections) -> Dict[str, Any]:
             rs = [sup[(v, sd)] for sd in seeds if (v, sd) in sup]
             if not rs:
                 continue
-            row = {"variant": v, "min_acc": [r["uniform"]["2"]["acc"] for r in rs],
-                   "max_acc": [r["uniform"]["6"]["acc"] for r in rs],
+            row = {"variant": v, "min_acc": [r["lowest"]["acc"] for r in rs],
+                   "min_bitops": [r["lowest"]["bitops"] for r in rs],
+                   "max_acc": [r["highest"]["acc"] for r in rs],
                    "w4a4_acc": [r["uniform"]["4"]["acc"] for r in rs],
                    "train_s": [r["train_s"] for r in rs]}
-            paired = [(r, sup[("plain", r["seed"])]) for r in rs if ("plain", r["seed"]) in sup]
-            if v != "plain" and paired:   # paired by seed
-                row["min_diff_vs_plain"] = [r["uniform"]["2"]["acc"] - p["uniform"]["2"]["acc"] for r, p in paired]
-                row["max_diff_vs_plain"] = [r["uniform"]["6"]["acc"] - p["uniform"]["6"]["acc"] for r, p in paired]
-                row["min_verdict"] = verdict(row["min_diff_vs_plain"])
-                row["max_verdict"] = verdict(row["max_diff_vs_plain"])
+            for ref, tag in (("plain", "plain"), ("previous defaults", "previous")):
+                paired = [(r, sup[(ref, r["seed"])]) for r in rs if (ref, r["seed"]) in sup]
+                if v == ref or not paired:
+                    continue
+                if tag == "previous" and v != "paper recipe":
+                    continue
+                for key, name in (("lowest", "min"), ("highest", "max")):
+                    d = [r[key]["acc"] - p[key]["acc"] for r, p in paired]
+                    row[f"{name}_diff_vs_{tag}"] = d
+                    row[f"{name}_verdict_vs_{tag}"] = verdict(d)
+                d = [r["uniform"]["4"]["acc"] - p["uniform"]["4"]["acc"] for r, p in paired]
+                row[f"w4a4_diff_vs_{tag}"] = d
+                row[f"w4a4_verdict_vs_{tag}"] = verdict(d)
             rows.append(row)
         out["ablation"] = rows
     if 4 in sections and runs["r2"]:
@@ -802,14 +832,24 @@ def markdown(result: Dict[str, Any]) -> str:
                          f"{fmt(r['qat_acc'])} | {fmt(r['diff'])} | {_claim(r['verdict'], CLAIM_TIE_OK)} |")
         lines.append("")
     if "ablation" in sm:
-        lines += ["### 3. Ablation (all with sandwich sampling + in-place distillation)", "",
-                  "| variant | lowest (W2A2) | highest (W6A6) | W4A4 | lowest vs plain | highest vs plain | train s |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += ["### 3. Ablation (all with in-place distillation; paired t-tests by seed)", "",
+                  "lowest = every layer at its lowest candidate (W2A2; the paper recipe's depthwise layers "
+                  "at 3/3), highest = W6A6.", "",
+                  "| variant | lowest | highest | W4A4 | lowest vs plain | W4A4 vs plain | highest vs plain | train s |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+        def _d(r, key):
+            return f"{fmt(r[key])} ({r[key.replace('diff', 'verdict')]})" if key in r else "—"
         for r in sm["ablation"]:
-            dmin = f"{fmt(r['min_diff_vs_plain'])} ({r['min_verdict']})" if "min_diff_vs_plain" in r else "—"
-            dmax = f"{fmt(r['max_diff_vs_plain'])} ({r['max_verdict']})" if "max_diff_vs_plain" in r else "—"
             lines.append(f"| {r['variant']} | {fmt(r['min_acc'])} | {fmt(r['max_acc'])} | {fmt(r['w4a4_acc'])} | "
-                         f"{dmin} | {dmax} | {fmt(r['train_s'], 0)} |")
+                         f"{_d(r, 'min_diff_vs_plain')} | {_d(r, 'w4a4_diff_vs_plain')} | "
+                         f"{_d(r, 'max_diff_vs_plain')} | {fmt(r['train_s'], 0)} |")
+        prev = [r for r in sm["ablation"] if "min_diff_vs_previous" in r]
+        if prev:
+            lines += ["", "| paper recipe vs previous defaults | lowest | W4A4 | highest |", "| --- | --- | --- | --- |"]
+            for r in prev:
+                lines.append(f"| {r['variant']} | {_d(r, 'min_diff_vs_previous')} | "
+                             f"{_d(r, 'w4a4_diff_vs_previous')} | {_d(r, 'max_diff_vs_previous')} |")
         lines.append("")
     if "r2_ptq" in sm:
         lines += ["### 4. R2 range restriction and 2-bit post-training quantization (float training, then PTQ, no retraining)", "",

@@ -96,11 +96,18 @@ def build_supernet(spec: Dict[str, Any]) -> nn.Module:
     q = spec["quant"]
     net = build_model_from_spec(spec["model"])
     return quantize_model(net, w_bits=q["w_bits"], a_bits=q["a_bits"], keep_8bit=q["keep_8bit"],
-                          per_channel=q["per_channel"], bn=q["bn"])
+                          per_channel=q["per_channel"], bn=q["bn"],
+                          depthwise_bits=q.get("depthwise_bits"),
+                          first_input_bits=int(q.get("first_input_bits", 8)))
 
 
 def load_supernet(path: str) -> Tuple[nn.Module, Dict[str, Any]]:
-    """Load a supernet checkpoint: returns ``(model in eval mode, checkpoint dict)``."""
+    """Load a supernet checkpoint: returns ``(model in eval mode, checkpoint dict)``.
+
+    The model gets the EMA weights when the run kept a model EMA (``train.ema``: what the paper
+    evaluates and searches), else the training weights. ``net.mpq_spec["bn_recalibrate"]`` says
+    whether BN must be re-estimated per configuration (shared BN; switchable BN when trained with
+    ``eval.recalibrate_switchable``)."""
     ckpt = safe_load(path, "checkpoint")
     if ckpt.get("format") != FORMAT or "spec" not in ckpt or "model" not in ckpt:
         raise UserError(f"checkpoint: {path!r} is not an mpq supernet checkpoint (no 'format: {FORMAT}', "
@@ -112,11 +119,14 @@ def load_supernet(path: str) -> Tuple[nn.Module, Dict[str, Any]]:
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"checkpoint: {path!r} has an invalid model spec ({type(e).__name__}: "
                         f"{str(e)[:200]})") from None
+    state = ckpt["model_ema"] if isinstance(ckpt.get("model_ema"), dict) else ckpt["model"]
     try:
-        net.load_state_dict(ckpt["model"])
+        net.load_state_dict(state)
     except RuntimeError as e:
         raise UserError(f"checkpoint: {path!r} does not match its model spec: "
                         f"{str(e).splitlines()[0][:300]}") from None
+    spec = ckpt["spec"]
+    net.mpq_spec["bn_recalibrate"] = bool(spec.get("bn_recalibrate", spec["quant"].get("bn") == "shared"))
     net.eval()
     return net, ckpt
 

@@ -19,10 +19,11 @@ examples:
   python train.py --config configs/cifar10_resnet20.yaml data.root=/data/cifar
   python train.py --config configs/imagenet_resnet18.yaml data.root=/data/imagenet train.epochs=150
   torchrun --nproc_per_node 8 train.py --config configs/imagenet_resnet18.yaml data.root=/data/imagenet
+  python train.py --config configs/recipe_paper.yaml     # the paper's training recipe on the embedded default
   python train.py --config ... --resume                  # continue from the newest valid checkpoint
 
 Results go to <output.dir>/<output.name>/: config.yaml, supernet.pt (latest checkpoint),
-ckpt-stepN.pt, metrics.jsonl, tb/ (TensorBoard).
+ckpt-stepN.pt, metrics.jsonl, scheduler.jsonl (one line per freezing update), tb/ (TensorBoard).
 """
 
 
@@ -34,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "in-place distillation, IDM, bit-width freezing scheduler). Runs as one process or "
                     "under torchrun (DDP).",
         epilog=USAGE_EXAMPLES + "\nconfig keys (section.key = default  [type] meaning):\n" + describe_schema())
-    p.add_argument("--config", metavar="FILE", help="YAML config merged over the embedded default")
+    p.add_argument("--config", metavar="FILE", action="append",
+                   help="YAML config merged over the embedded default; repeat to merge several in "
+                        "order (e.g. --config configs/imagenet_resnet50.yaml --config configs/recipe_paper.yaml)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest valid checkpoint of the run (same as train.resume=auto)")
     p.add_argument("--print-config", action="store_true",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import yaml
 
@@ -24,7 +24,7 @@ DEFAULT_YAML = '''# The embedded default: a one-shot mixed-precision supernet of
 # Runs on CPU in minutes (`python train.py`); these values are also embedded in mpq/config.py so the
 # default works from any working directory. Every key can be overridden: `python train.py train.epochs=1`.
 model:
-  name: small_mobilenet      # small_mobilenet | small_cnn | resnet20 | any torchvision classifier (resnet18, ...)
+  name: small_mobilenet      # small_mobilenet | small_cnn | resnet20 | efficientnet_lite0 | any torchvision classifier
   pretrained: null           # local float state_dict to start from (nothing is downloaded)
   num_classes: null          # null: from the data set
   width: null                # base channels of small_mobilenet / small_cnn (null: 16 / 8)
@@ -45,6 +45,11 @@ quant:
   keep_8bit: [first, last]   # layers pinned to 8/8 bits: first, last and/or layer names
   per_channel: true          # per-output-channel weight step sizes
   bn: shared                 # shared (re-calibrated per config before evaluation) | switchable
+  w_init: mean_abs           # weight step init: mean_abs (LSQ: 2 mean|w| / sqrt(Q_P)) | three_sigma
+                             # (paper: max(|mu - 3 sigma|, |mu + 3 sigma|) / 2^(b-1))
+  grad_scale: true           # LSQ step-size gradient scale g = 1/sqrt(N Q_P) (paper: false)
+  depthwise_bits: null       # candidates (w and a) of depthwise convs (null: w_bits / a_bits; paper MBv2: [3,4,5,6])
+  first_input_bits: 8        # input bits of the first (pinned) layer: 8 | 32 (paper: 32, the image stays float)
 train:
   epochs: 2
   optimizer: sgd             # sgd | adamw
@@ -54,11 +59,20 @@ train:
   nesterov: true
   weight_decay: 5.0e-5       # conv/linear weights only (no decay on step sizes, BN, biases)
   warmup_epochs: 0.2         # linear LR warm-up (fraction of an epoch allowed)
-  num_random: 2              # random configs per step, besides max and min (sandwich rule)
-  order: [max, random, min]  # order of the sampled subnets in a step; max first when distilling
+  num_random: 2              # random configs per step, besides max (and min)
+  order: [max, random, min]  # sampled subnets of a step, in order; min is optional (paper: [max, random])
   micro_batches: 1           # split each batch into this many gradient-accumulation micro-batches
   label_smoothing: 0.0
   grad_clip: null            # max gradient norm (null: off)
+  grad_clip_value: null      # clip every gradient element to [-v, v] (null: off; paper: 1.0)
+  decay_linear: true         # weight decay on Linear weights too (paper: conv weights only)
+  step_optimizer: main       # step sizes in the main optimizer (main) or a separate Adam (adam, paper)
+  step_lr: 1.0e-5            # Adam learning rate of the step sizes (cosine to 0), step_optimizer=adam
+  ema: false                 # keep an EMA of the weights; evaluation and search use it (paper: true)
+  ema_decay: null            # EMA decay per step (null: 1 - 1 / (0.00888 * total steps), the paper's
+                             # 0.9997 horizon as a fraction of its 150-epoch run)
+  qe_weight: 0.0             # quantization-error loss weight at the end of training (paper: 0.1)
+  qe_start: 0.2667           # fraction of training where the QE weight starts its cosine ramp (paper: 40/150)
   seed: 0                    # model init, config sampling, RNG
   max_steps: null            # stop after this many steps in total (null: epochs * steps per epoch)
   resume: false              # false | auto (newest valid checkpoint of this run) | path to a checkpoint
@@ -74,39 +88,52 @@ distill:
 idm:
   enabled: true              # information-distortion mitigation
   weight: 0.01               # weight of the feature-alignment MSE on the lowest-bit layers
+  reduction: mean            # mean | sum over the aligned layers (paper: sum)
+  features: post_bn          # post_bn (BN output) | reference (the tensor the paper's hook stores: after
+                             # the in-place ReLU / residual add that follow the BN)
 scheduler:
-  enabled: true              # bit-width freezing scheduler (fractions of the total steps)
-  warmup: 0.1
-  period: 0.1
-  late_period: 0.2
+  enabled: true              # bit-width freezing scheduler
+  schedule: reference        # reference: the paper's 54 updates at fixed fractions of training (4.7%,
+                             # then every 1.33% to 71.3%, then 79.3/89.3/99.3%) | periodic (below)
+  warmup: 0.1                # periodic: first update (fraction of the total steps)
+  period: 0.1                # periodic: fraction between updates
+  late_period: 0.2           # periodic: period after late_start
   late_start: 0.7
-  ratio_start: 0.5
+  ratio_start: 0.5           # fraction of the scheduled layers frozen, cosine-decayed to ratio_end
   ratio_end: 0.2
+  round: floor               # layers frozen = floor | ceil (ratio * L)
   threshold: 0.375
-  ema: 0.9
-  which: most_turbulent      # most_turbulent | lowest
-  observe_every: 10          # steps between turbulence measurements
+  measure: allowed           # turbulence over the allowed (paper) | all candidate bit-widths
+  ema: 0.0                   # turbulence EMA decay (0: a snapshot at each update, the paper)
+  which: lowest              # lowest (paper) | most_turbulent: the bit-width a chosen layer loses
+  cumulative: false          # false: at most one bit frozen per layer (paper) | true: one more per update
+  freeze_acts: false         # also drop the lowest activation bit (the paper's ResNet-18 shares w/a lists)
+  observe_every: 10          # steps between turbulence measurements (only when ema > 0)
 r2:
   enabled: false             # R2 range-restriction loss: loss += weight * R2
   kind: margin               # linf | margin | softminmax
   weight: 0.0001
   eta: 0.01
   init_margin: null
-  init_temperature: 1.0
+  init_temperature: null     # soft-min-max temperature init (null: 10 / std(W_l), scale-aware)
 quant_noise:
   enabled: false             # Quant-Noise: quantize a random fraction p of weight blocks in training
   p: 0.5
   block: 8
 aqt:
-  enabled: false             # calibrate activation clip bounds once from an EMA of max|x|
-  warmup_steps: 100
+  enabled: false             # calibrate activation clip bounds once from an EMA of the batch max
+  warmup: 0.2                # fraction of training before the calibration
+  warmup_steps: null         # absolute step count instead of warmup (null: from warmup)
   ema: 0.9
   freeze: true               # keep the calibrated activation step sizes fixed afterwards
+  float_warmup: true         # activations stay float until the calibration (AQT)
+  per_channel: true          # per-channel statistics (reduced to one bound per layer by the max)
 eval:
   every_epochs: 1
   uniform_bits: [2, 3, 4, 5, 6]   # uniform W{b}A{b} configs evaluated besides max and min
   random_configs: 2          # fixed seeded random configs evaluated
-  bn_recalib_batches: 10     # training batches to re-calibrate shared BN per config
+  bn_recalib_batches: 10     # training batches to re-calibrate BN per config before evaluation
+  recalibrate_switchable: false  # re-estimate switchable BN too, in evaluation and search (paper: true)
 output:
   dir: runs
   name: default              # the run folder is <dir>/<name>
@@ -154,18 +181,24 @@ def _nonempty(v):
 
 
 def _order(v):
-    allowed = {"max", "min", "random"}
+    allowed = ("max", "random", "min")
     bad = [x for x in v if x not in allowed]
     if bad:
-        return f"unknown entry {bad[0]!r}; allowed: ['max', 'min', 'random']"
-    if len(set(v)) != len(v) or set(v) != allowed:
-        return f"must name each of 'max', 'min', 'random' exactly once, got {v!r}"
+        return f"unknown entry {bad[0]!r}; allowed: {list(allowed)}"
+    if len(set(v)) != len(v) or not v:
+        return f"must name each of 'max', 'random' and optionally 'min' at most once, got {v!r}"
+    if "max" not in v or "random" not in v:
+        return f"must contain 'max' and 'random' ('min' is optional), got {v!r}"
     return None
+
+
+def _first_input_bits(v):
+    return None if v in (8, 32) else f"must be 8 or 32, got {v!r}"
 
 
 SCHEMA: Dict[str, Dict[str, Field]] = {
     "model": {
-        "name": Field("str", "small_mobilenet | small_cnn | resnet20 | any torchvision classifier name"),
+        "name": Field("str", "small_mobilenet | small_cnn | resnet20 | efficientnet_lite0 | any torchvision classifier name"),
         "pretrained": Field("str", "local float state_dict file", nullable=True),
         "num_classes": Field("int", "classes (null: from the data set)", nullable=True, check=_ge(2)),
         "width": Field("int", "base channels of small_mobilenet / small_cnn (null: 16 / 8)", nullable=True, check=_ge(1)),
@@ -187,6 +220,12 @@ SCHEMA: Dict[str, Dict[str, Field]] = {
         "keep_8bit": Field("str_list", "layers pinned to 8/8 bits: first, last, layer names"),
         "per_channel": Field("bool", "per-output-channel weight step sizes"),
         "bn": Field("str", "BatchNorm handling", choices=("shared", "switchable")),
+        "w_init": Field("str", "weight step-size init", choices=("mean_abs", "three_sigma")),
+        "grad_scale": Field("bool", "LSQ step-size gradient scale 1/sqrt(N Q_P)"),
+        "depthwise_bits": Field("bits", "w/a candidates of depthwise convs (null: w_bits/a_bits)",
+                                nullable=True),
+        "first_input_bits": Field("int", "input bits of the first pinned layer (8 or 32)",
+                                  check=_first_input_bits),
     },
     "train": {
         "epochs": Field("int", "training epochs", check=_gt(0)),
@@ -197,11 +236,22 @@ SCHEMA: Dict[str, Dict[str, Field]] = {
         "nesterov": Field("bool", "Nesterov momentum (SGD)"),
         "weight_decay": Field("float", "weight decay of conv/linear weights", check=_ge(0)),
         "warmup_epochs": Field("float", "linear LR warm-up in epochs", check=_ge(0)),
-        "num_random": Field("int", "random configs per step besides max and min", check=_ge(0)),
-        "order": Field("str_list", "order of max / random / min in a step", check=_order),
+        "num_random": Field("int", "random configs per step besides max (and min)", check=_ge(0)),
+        "order": Field("str_list", "sampled subnets of a step: max, random, optional min", check=_order),
         "micro_batches": Field("int", "gradient-accumulation micro-batches per batch", check=_gt(0)),
         "label_smoothing": Field("float", "cross-entropy label smoothing", check=_in(0, 1, hi_open=True)),
         "grad_clip": Field("float", "max gradient norm (null: off)", nullable=True, check=_gt(0)),
+        "grad_clip_value": Field("float", "clip each gradient element to [-v, v] (null: off)",
+                                 nullable=True, check=_gt(0)),
+        "decay_linear": Field("bool", "weight decay on Linear weights too (else conv weights only)"),
+        "step_optimizer": Field("str", "optimizer of the LSQ step sizes", choices=("main", "adam")),
+        "step_lr": Field("float", "Adam learning rate of the step sizes (step_optimizer=adam)",
+                         check=_gt(0)),
+        "ema": Field("bool", "model EMA used for evaluation and search"),
+        "ema_decay": Field("float", "EMA decay per step (null: from the run length)", nullable=True,
+                           check=_in(0, 1, hi_open=True)),
+        "qe_weight": Field("float", "final weight of the quantization-error loss (0: off)", check=_ge(0)),
+        "qe_start": Field("float", "fraction of training where the QE loss starts", check=_in(0, 1, hi_open=True)),
         "seed": Field("int", "model init and config sampling seed"),
         "max_steps": Field("int", "stop after this many steps (null: all epochs)", nullable=True, check=_gt(0)),
         "resume": Field("resume", "false | auto | checkpoint path"),
@@ -219,19 +269,26 @@ SCHEMA: Dict[str, Dict[str, Field]] = {
     "idm": {
         "enabled": Field("bool", "information-distortion mitigation"),
         "weight": Field("float", "weight of the IDM feature loss", check=_ge(0)),
+        "reduction": Field("str", "reduction over the aligned layers", choices=("mean", "sum")),
+        "features": Field("str", "aligned features", choices=("post_bn", "reference")),
     },
     "scheduler": {
         "enabled": Field("bool", "bit-width freezing scheduler"),
-        "warmup": Field("float", "fraction of training before the first update", check=_in(0, 1)),
+        "schedule": Field("str", "update times", choices=("reference", "periodic")),
+        "warmup": Field("float", "periodic: fraction of training before the first update", check=_in(0, 1)),
         "period": Field("float", "fraction of training between updates", check=_in(1e-9, 1)),
         "late_period": Field("float", "period after late_start (null: period)", nullable=True,
                              check=_in(1e-9, 1)),
         "late_start": Field("float", "fraction of training where late_period starts", check=_in(0, 1)),
         "ratio_start": Field("float", "fraction of layers frozen at the start", check=_in(0, 1)),
         "ratio_end": Field("float", "fraction of layers frozen at the end", check=_in(0, 1)),
+        "round": Field("str", "layers frozen = round(ratio * L)", choices=("floor", "ceil")),
         "threshold": Field("float", "rounding-boundary closeness, in steps", check=_in(0, 0.5)),
-        "ema": Field("float", "turbulence EMA decay", check=_in(0, 1, hi_open=True)),
-        "which": Field("str", "bit-width a chosen layer loses", choices=("most_turbulent", "lowest")),
+        "measure": Field("str", "bit-widths the turbulence averages over", choices=("allowed", "all")),
+        "ema": Field("float", "turbulence EMA decay (0: snapshot)", check=_in(0, 1, hi_open=True)),
+        "which": Field("str", "bit-width a chosen layer loses", choices=("lowest", "most_turbulent")),
+        "cumulative": Field("bool", "a re-chosen layer loses one more bit-width"),
+        "freeze_acts": Field("bool", "also drop the layer's lowest activation bit-width"),
         "observe_every": Field("int", "steps between turbulence measurements", check=_gt(0)),
     },
     "r2": {
@@ -240,7 +297,8 @@ SCHEMA: Dict[str, Dict[str, Field]] = {
         "weight": Field("float", "lambda in loss = CE + lambda * R2", check=_ge(0)),
         "eta": Field("float", "soft-min-max temperature penalty", check=_ge(0)),
         "init_margin": Field("float", "initial margin (null: max|W|)", nullable=True, check=_gt(0)),
-        "init_temperature": Field("float", "initial soft-min-max temperature", check=_gt(0)),
+        "init_temperature": Field("float", "initial soft-min-max temperature (null: 10 / std(W))",
+                                  nullable=True, check=_gt(0)),
     },
     "quant_noise": {
         "enabled": Field("bool", "Quant-Noise"),
@@ -249,15 +307,20 @@ SCHEMA: Dict[str, Dict[str, Field]] = {
     },
     "aqt": {
         "enabled": Field("bool", "AQT-style activation clip calibration"),
-        "warmup_steps": Field("int", "steps of EMA(max|x|) before the calibration", check=_gt(0)),
+        "warmup": Field("float", "fraction of training before the calibration", check=_in(0, 1)),
+        "warmup_steps": Field("int", "steps before the calibration (null: from warmup)", nullable=True,
+                              check=_gt(0)),
         "ema": Field("float", "EMA decay", check=_in(0, 1, hi_open=True)),
         "freeze": Field("bool", "keep the calibrated activation step sizes fixed"),
+        "float_warmup": Field("bool", "activations stay float until the calibration"),
+        "per_channel": Field("bool", "per-channel activation statistics"),
     },
     "eval": {
         "every_epochs": Field("int", "epochs between evaluations (the last epoch always)", check=_gt(0)),
         "uniform_bits": Field("int_list", "uniform configs evaluated"),
         "random_configs": Field("int", "fixed random configs evaluated", check=_ge(0)),
-        "bn_recalib_batches": Field("int", "batches of shared-BN re-calibration per config", check=_ge(0)),
+        "bn_recalib_batches": Field("int", "batches of BN re-calibration per config", check=_ge(0)),
+        "recalibrate_switchable": Field("bool", "re-estimate switchable BN too (evaluation and search)"),
     },
     "output": {
         "dir": Field("str", "parent folder of runs"),
@@ -463,12 +526,15 @@ def read_yaml(path: str) -> Dict[str, Any]:
         raise UserError(f"--config: cannot read {path!r} ({e})") from None
 
 
-def load_config(path: Optional[str] = None, overrides: Iterable[str] = ()) -> Dict[str, Any]:
-    """Embedded default, then the YAML file ``path`` (if any), then ``section.key=value`` overrides;
+def load_config(path: Union[str, Sequence[str], None] = None,
+                overrides: Iterable[str] = ()) -> Dict[str, Any]:
+    """Embedded default, then the YAML file(s) ``path`` (one path or a list, merged in order, e.g.
+    ``configs/recipe_paper.yaml`` over a model config), then ``section.key=value`` overrides;
     validated. Raises :class:`UserError` naming the offending key."""
     cfg = default_config()
-    if path is not None:
-        cfg = merge(cfg, read_yaml(path), path)
+    paths = [] if path is None else [path] if isinstance(path, str) else list(path)
+    for p in paths:
+        cfg = merge(cfg, read_yaml(p), p)
     for item in overrides:
         apply_override(cfg, item)
     return validate(cfg)

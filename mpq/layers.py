@@ -21,23 +21,31 @@ class QuantMixin:
         w_bits / a_bits: the active bit-widths.
         quant_noise_p: fraction of weight blocks quantized per training forward (Quant-Noise);
             ``1.0`` quantizes the whole tensor (always the case in eval mode).
+        a_allowed: the activation bit-widths that may currently be sampled (the scheduler removes
+            the lowest one only when weight and activation candidates are frozen together).
+        a_float: when True the input activation is not quantized at all (AQT's float warm-up, before
+            the activation clip bounds are calibrated).
     """
 
     w_candidates: tuple[int, ...]
     a_candidates: tuple[int, ...]
 
     def _init_quant(self, w_bits: Sequence[int], a_bits: Sequence[int], per_channel: bool,
-                    channels: int) -> None:
+                    channels: int, w_init: str = "mean_abs", grad_scale: bool = True) -> None:
         self.w_candidates = tuple(sorted(set(w_bits)))
         self.a_candidates = tuple(sorted(set(a_bits)))
         self.w_allowed = self.w_candidates
+        self.a_allowed = self.a_candidates
+        self.a_float = False
         self.w_bits = max(self.w_candidates)
         self.a_bits = max(self.a_candidates)
         self.quant_noise_p = 1.0
         self.quant_noise_block = 8
         self.w_quant = LsqQuantizer(self.w_candidates, signed=True,
-                                    channels=channels if per_channel else 1, ndim=self.weight.dim())
-        self.a_quant = LsqQuantizer(self.a_candidates, signed=None, per_sample=True)
+                                    channels=channels if per_channel else 1, ndim=self.weight.dim(),
+                                    use_grad_scale=grad_scale, init=w_init)
+        self.a_quant = LsqQuantizer(self.a_candidates, signed=None, per_sample=True,
+                                    use_grad_scale=grad_scale)
         self.w_quant.init_from(self.weight.detach())
 
     def quantized_weight(self) -> torch.Tensor:
@@ -48,6 +56,8 @@ class QuantMixin:
         return wq
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.a_float:
+            return x
         return self.a_quant(x, self.a_bits)
 
     def set_active(self, w_bits: int, a_bits: int) -> None:
@@ -67,14 +77,15 @@ class QuantConv2d(QuantMixin, nn.Conv2d):
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, w_bits: Sequence[int], a_bits: Sequence[int],
-                   per_channel: bool = True) -> "QuantConv2d":
+                   per_channel: bool = True, w_init: str = "mean_abs",
+                   grad_scale: bool = True) -> "QuantConv2d":
         q = cls.__new__(cls)
         nn.Conv2d.__init__(q, conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                            conv.padding, conv.dilation, conv.groups, conv.bias is not None,
                            conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
         q.weight = conv.weight
         q.bias = conv.bias
-        q._init_quant(w_bits, a_bits, per_channel, conv.out_channels)
+        q._init_quant(w_bits, a_bits, per_channel, conv.out_channels, w_init, grad_scale)
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -94,13 +105,14 @@ class QuantLinear(QuantMixin, nn.Linear):
 
     @classmethod
     def from_float(cls, linear: nn.Linear, w_bits: Sequence[int], a_bits: Sequence[int],
-                   per_channel: bool = True) -> "QuantLinear":
+                   per_channel: bool = True, w_init: str = "mean_abs",
+                   grad_scale: bool = True) -> "QuantLinear":
         q = cls.__new__(cls)
         nn.Linear.__init__(q, linear.in_features, linear.out_features, linear.bias is not None,
                            device=linear.weight.device, dtype=linear.weight.dtype)
         q.weight = linear.weight
         q.bias = linear.bias
-        q._init_quant(w_bits, a_bits, per_channel, linear.out_features)
+        q._init_quant(w_bits, a_bits, per_channel, linear.out_features, w_init, grad_scale)
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

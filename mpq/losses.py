@@ -7,9 +7,21 @@ In-place distillation (:func:`kd_loss`)
 
 Information-distortion mitigation (:class:`FeatureTap`, :func:`idm_feature_loss`,
 :func:`lowest_bit_layers`)
-    In the layers sampled at their current *lowest* allowed weight bit-width, the normalised
-    (post-BatchNorm) features of the subnet are pulled towards the detached features of the max
-    subnet at the same layer: ``IDM = mean_l MSE(F_l^student, sg(F_l^teacher))``.
+    In the layers sampled at their current *lowest* allowed weight bit-width, the features of the
+    subnet are pulled towards the detached features of the max subnet at the same layer:
+    ``IDM = sum_l MSE(F_l^student, sg(F_l^teacher))`` (the paper's code; ``mean_l`` as an option).
+    ``F_l`` is the output of the BatchNorm after conv ``l`` (``features="post_bn"``) or, as the
+    paper's code effectively aligns it (``features="reference"``), that tensor after the in-place
+    ops that follow it: post-ReLU for BN -> ReLU(inplace), the block output for a ResNet ``bn2``
+    followed by ``out += identity``; pure BN output where nothing in-place follows.
+
+Quantization-error loss (:func:`quantization_error_loss`, the paper's code, random subnets only)
+    For every non-pinned layer at its sampled weight bit-width ``b`` with step ``s_b`` (detached)
+    and clip range ``[-Q_N s_b, Q_P s_b]``:
+    ``QE_l = mean_over_weight_positions( sum_out_channels (clip(w) - q~)^2 )``, where ``q~ = q_b(w)``
+    when ``q_b(w)`` lies on the grid ``k * 2^(b - b_min) * s_b`` of the layer's lowest allowed bit
+    ``b_min`` (``k`` in that bit's integer range), else ``clip(w)`` (no loss there); at ``b = b_min``
+    every weight counts. ``q~`` is detached: the gradient reaches the weights only.
 
 R2 range restriction (:class:`R2Loss`), over the weight ``W_l`` of every quantized layer ``l``
     * ``linf``:       ``sum_l max|W_l|``
@@ -19,15 +31,18 @@ R2 range restriction (:class:`R2Loss`), over the weight ``W_l`` of every quantiz
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
+from .quantizer import FLOAT_BITS
 from .supernet import bn_after_conv, quant_layers, unwrap
 
 R2_KINDS = ("linf", "margin", "softminmax")
+SCALE_AWARE_TEMPERATURE = 10.0   # soft-min-max alpha init = this / std(W_l) when not given
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -75,6 +90,9 @@ class FeatureTap:
         layers: conv layer names to tap (default: every quantized conv followed by a BN). Quantized
             layers without a following BN (e.g. linear layers) are skipped; names that are not
             quantized layers raise ``ValueError``.
+        copy: True stores a copy of the BN output (post-BN features); False stores the BN output
+            tensor itself, so the in-place ops that follow it (``ReLU(inplace=True)``, ``+=``) are
+            seen in it, as in the paper's code (``idm.features: reference``).
 
     Usage::
 
@@ -83,8 +101,10 @@ class FeatureTap:
             net(x); teacher = dict(tap.features); tap.clear()
     """
 
-    def __init__(self, model: nn.Module, layers: Optional[Iterable[str]] = None) -> None:
+    def __init__(self, model: nn.Module, layers: Optional[Iterable[str]] = None,
+                 copy: bool = True) -> None:
         net = unwrap(model)
+        self.copy = bool(copy)
         links = bn_after_conv(net)
         if layers is None:
             names = list(links)
@@ -108,7 +128,7 @@ class FeatureTap:
     def _make_hook(self, name: str):
         def hook(module, inputs, output):
             if self.enabled:
-                self.features[name] = output.clone()
+                self.features[name] = output.clone() if self.copy else output
         return hook
 
     def clear(self) -> None:
@@ -130,13 +150,16 @@ class FeatureTap:
 
 
 def idm_feature_loss(student: Mapping[str, torch.Tensor], teacher: Mapping[str, torch.Tensor],
-                     layers: Iterable[str]) -> torch.Tensor:
+                     layers: Iterable[str], reduction: str = "mean") -> torch.Tensor:
     """Information-distortion mitigation feature term.
 
-    ``mean_l MSE(student[l], teacher[l].detach())`` over the names in ``layers`` present in both
-    dicts (each MSE is the mean over the elements of that layer's feature map). Returns a scalar 0
+    ``sum_l`` (``reduction="sum"``, the paper's code) or ``mean_l`` (``"mean"``) of
+    ``MSE(student[l], teacher[l].detach())`` over the names in ``layers`` present in both dicts
+    (each MSE is the mean over the elements of that layer's feature map). Returns a scalar 0
     (float, on the features' device) when no layer qualifies.
     """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"idm_feature_loss: reduction {reduction!r} is not allowed; allowed: ['mean', 'sum']")
     used = [l for l in dict.fromkeys(layers) if l in student and l in teacher]
     if not used:
         ref = next(iter(student.values()), None)
@@ -152,7 +175,7 @@ def idm_feature_loss(student: Mapping[str, torch.Tensor], teacher: Mapping[str, 
         dtype = _compute_dtype(s.dtype)
         term = F.mse_loss(s.to(dtype), t.to(dtype))
         total = term if total is None else total + term
-    return total / len(used)
+    return total / len(used) if reduction == "mean" else total
 
 
 def lowest_bit_layers(model: nn.Module, config: Mapping[str, Sequence[int]]) -> List[str]:
@@ -166,6 +189,47 @@ def lowest_bit_layers(model: nn.Module, config: Mapping[str, Sequence[int]]) -> 
         if int(config[name][0]) == min(layer.w_allowed):
             out.append(name)
     return out
+
+
+# --------------------------------------------------------------------------- QE loss
+def qe_weight_at(progress: float, weight: float, start: float) -> float:
+    """The QE loss weight at ``progress`` (fraction of training done): 0 before ``start``, then a
+    cosine ramp ``weight * (1 - cos(pi * (p - start) / (1 - start))) / 2`` reaching ``weight`` at the
+    end (the paper: 0 at epoch 40 of 150, 0.05 at 95, 0.1 at 150)."""
+    if weight <= 0 or progress <= start:
+        return 0.0
+    x = min(1.0, (progress - start) / max(1e-12, 1.0 - start))
+    return weight * 0.5 * (1.0 - math.cos(math.pi * x))
+
+
+def quantization_error_loss(model: nn.Module) -> torch.Tensor:
+    """The quantization-error loss of the active configuration (see the module docstring)."""
+    total = None
+    for layer in quant_layers(model).values():
+        if len(layer.w_candidates) <= 1 or layer.w_bits >= FLOAT_BITS:
+            continue
+        b, b_min = int(layer.w_bits), int(min(layer.w_allowed))
+        w = layer.weight
+        wq = layer.w_quant
+        step = wq.step[str(b)].detach().to(w.dtype)
+        qn, qp = wq.grid(b)
+        clipped = torch.maximum(torch.minimum(w, qp * step), -qn * step)
+        with torch.no_grad():
+            codes = torch.round(clipped / step)
+            target = codes * step
+            ratio = 2 ** (b - b_min)
+            if ratio > 1:
+                qn_min, qp_min = wq.grid(b_min)
+                coarse = torch.remainder(codes, ratio) == 0
+                k = codes / ratio
+                coarse &= (k >= -qn_min) & (k <= qp_min)
+                target = torch.where(coarse, target, clipped)
+        term = (clipped - target).pow(2).sum(0).mean()
+        total = term if total is None else total + term
+    if total is None:
+        p = next(unwrap(model).parameters())
+        return torch.zeros((), device=p.device, dtype=p.dtype)
+    return total
 
 
 # --------------------------------------------------------------------------- R2
@@ -186,8 +250,10 @@ class R2Loss(nn.Module):
     * ``"softminmax"``: ``R2 = sum_l ( smax_l - smin_l + eta * exp(-a_l) )`` with
       ``smax_l = sum_i w_i e^(a_l w_i) / sum_i e^(a_l w_i)`` (a softmax-weighted mean, computed
       with the numerically stable ``softmax``) and ``smin_l`` the same with ``-a_l``; one
-      learnable temperature ``a_l`` per layer, initialised to ``init_temperature``. The
-      ``eta * exp(-a_l)`` term pushes ``a_l`` up so the soft extremes approach the hard ones.
+      learnable temperature ``a_l`` per layer, initialised to ``init_temperature``, or, when it
+      is ``None``, scale-aware to ``10 / std(W_l)`` (at ``a = 1`` and weights of scale 0.01 the
+      soft extremes collapse to the mean and the term is a variance penalty of order 2 Var(W)).
+      The ``eta * exp(-a_l)`` term pushes ``a_l`` up so the soft extremes approach the hard ones.
 
     The learnable parameters live in ``self.params`` (a ``ParameterDict`` keyed by the layer name
     with ``.`` replaced by ``__``): put ``r2.parameters()`` into the optimizer and save
@@ -196,7 +262,8 @@ class R2Loss(nn.Module):
     """
 
     def __init__(self, model: nn.Module, kind: str, eta: float = 0.01,
-                 init_margin: Optional[float] = None, init_temperature: float = 1.0) -> None:
+                 init_margin: Optional[float] = None,
+                 init_temperature: Optional[float] = None) -> None:
         super().__init__()
         if kind not in R2_KINDS:
             raise ValueError(f"R2Loss: kind {kind!r} is not allowed; allowed: {list(R2_KINDS)}")
@@ -212,7 +279,10 @@ class R2Loss(nn.Module):
             if kind == "margin":
                 value = float(init_margin) if init_margin is not None else float(w.abs().max())
             elif kind == "softminmax":
-                value = float(init_temperature)
+                if init_temperature is not None:
+                    value = float(init_temperature)
+                else:
+                    value = SCALE_AWARE_TEMPERATURE / max(float(w.float().std()), 1e-12)
             else:
                 continue
             self.params[_param_key(name)] = nn.Parameter(

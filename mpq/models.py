@@ -1,4 +1,5 @@
-"""Models: any torchvision classifier by name, a CIFAR ResNet-20 and the small embedded-default CNN."""
+"""Models: any torchvision classifier by name, a CIFAR ResNet-20, EfficientNet-Lite0 and the small
+embedded-default CNNs (small_cnn, small_mobilenet)."""
 from __future__ import annotations
 
 from typing import Callable, Dict, Optional
@@ -59,6 +60,70 @@ def resnet20(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
     return CifarResNet(3, (16, 32, 64), num_classes, in_channels)
 
 
+def _conv_bn(cin: int, cout: int, k: int = 1, stride: int = 1, groups: int = 1,
+             act: bool = True) -> nn.Sequential:
+    """Conv (no bias) -> BatchNorm2d [-> ReLU6]: the conv is registered right before its BN."""
+    layers = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+    return nn.Sequential(*layers, nn.ReLU6(inplace=True)) if act else nn.Sequential(*layers)
+
+
+class MBConv(nn.Module):
+    """Inverted-residual block without squeeze-and-excitation: [1x1 expand] -> kxk depthwise ->
+    1x1 linear projection, with an identity shortcut when ``stride == 1`` and ``cin == cout``."""
+
+    def __init__(self, cin: int, cout: int, expand: int, k: int, stride: int) -> None:
+        super().__init__()
+        mid = cin * expand
+        layers = [_conv_bn(cin, mid)] if expand != 1 else []
+        layers += [_conv_bn(mid, mid, k, stride, groups=mid), _conv_bn(mid, cout, act=False)]
+        self.block = nn.Sequential(*layers)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.block(x)
+        return out + x if self.residual else out
+
+
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite (Tan & Le, 2019; the Lite variant drops squeeze-and-excitation, uses ReLU6 and
+    does not scale stem and head). ``stages`` rows are (expand t, kernel k, first stride s, channels c,
+    repeats n); the default is Lite0: 4,652,008 parameters at 1000 classes (~4.65 M, the size
+    published for timm's efficientnet_lite0, the one-shot paper's reference model)."""
+
+    LITE0 = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
+             (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1))
+
+    def __init__(self, num_classes: int = 1000, in_channels: int = 3, stages=LITE0,
+                 stem: int = 32, head: int = 1280, dropout: float = 0.2) -> None:
+        super().__init__()
+        blocks, cin = [_conv_bn(in_channels, stem, 3, 2)], stem
+        for t, k, s, c, n in stages:
+            for i in range(n):
+                blocks.append(MBConv(cin, c, t, k, s if i == 0 else 1))
+                cin = c
+        blocks.append(_conv_bn(cin, head))
+        self.features = nn.Sequential(*blocks)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(head, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1)
+        return self.classifier(self.dropout(x))
+
+
+def efficientnet_lite0(num_classes: int = 1000, in_channels: int = 3) -> EfficientNetLite:
+    return EfficientNetLite(num_classes, in_channels)
+
+
 class SmallCNN(nn.Module):
     """A plain 6-layer CNN for 28x28 grey images (~19k parameters at the default width 8; channels
     w, 2w, 2w, 4w, 4w); the embedded default's model before :class:`SmallMobileNet`.
@@ -117,14 +182,17 @@ class SmallMobileNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-LOCAL_MODELS: Dict[str, Callable[..., nn.Module]] = {"resnet20": resnet20, "small_cnn": SmallCNN,
+LOCAL_MODELS: Dict[str, Callable[..., nn.Module]] = {"resnet20": resnet20,
+                                                     "efficientnet_lite0": efficientnet_lite0,
+                                                     "small_cnn": SmallCNN,
                                                      "small_mobilenet": SmallMobileNet}
 WIDTH_MODELS = ("small_cnn", "small_mobilenet")
 
 
 def build_model(name: str, num_classes: int = 1000, in_channels: int = 3,
                 pretrained: Optional[str] = None, width: Optional[int] = None) -> nn.Module:
-    """Build a float model: ``resnet20``, ``small_cnn``, ``small_mobilenet`` or any torchvision classifier by name.
+    """Build a float model: ``resnet20``, ``efficientnet_lite0``, ``small_cnn``, ``small_mobilenet`` or
+    any torchvision classifier by name.
 
     ``pretrained`` is a local file with a float ``state_dict`` (loaded with ``weights_only=True``);
     nothing is downloaded. ``width`` sets the base channel count of ``small_cnn`` / ``small_mobilenet`` (None: its default).
@@ -139,7 +207,8 @@ def build_model(name: str, num_classes: int = 1000, in_channels: int = 3,
         import torchvision
         available = torchvision.models.list_models(module=torchvision.models)
         if name not in available:
-            raise UserError(f"model.name: unknown model {name!r}; choose 'resnet20', 'small_cnn', 'small_mobilenet' or a "
+            raise UserError(f"model.name: unknown model {name!r}; choose 'resnet20', 'efficientnet_lite0', "
+                            f"'small_cnn', 'small_mobilenet' or a "
                             f"torchvision classifier such as resnet18, resnet50, mobilenet_v2")
         model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
         if in_channels != 3:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 FLOAT_BITS = 32
+STEP_INITS = ("mean_abs", "three_sigma")
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, FLOAT_BITS)
 
 
@@ -172,11 +173,17 @@ class LsqQuantizer(nn.Module):
         use_grad_scale: multiply the step-size gradient by ``g = 1/sqrt(N * Q_P)`` (LSQ).
         per_sample: ``N`` counts the elements of one sample (activations) rather than the whole
             tensor (weights).
+        init: step-size init of :meth:`init_from`: ``"mean_abs"`` (LSQ) or ``"three_sigma"`` (the
+            one-shot paper's weight init).
     """
 
     def __init__(self, bits: Sequence[int], signed: Optional[bool] = True, channels: int = 1,
-                 ndim: int = 1, use_grad_scale: bool = True, per_sample: bool = False) -> None:
+                 ndim: int = 1, use_grad_scale: bool = True, per_sample: bool = False,
+                 init: str = "mean_abs") -> None:
         super().__init__()
+        if init not in STEP_INITS:
+            raise ValueError(f"w_init: {init!r} is not allowed; allowed: {list(STEP_INITS)}")
+        self.init = init
         self.bits = tuple(sorted(set(int(b) for b in bits)))
         shape = (channels,) + (1,) * (ndim - 1) if channels > 1 else (1,)
         self.step = nn.ParameterDict(
@@ -189,19 +196,36 @@ class LsqQuantizer(nn.Module):
 
     @torch.no_grad()
     def init_from(self, x: torch.Tensor) -> None:
-        """LSQ step-size init ``s_b = 2 * mean|x| / sqrt(Q_P)`` for every bit-width (per channel if
-        the step is per channel)."""
+        """Step-size init for every bit-width ``b`` (per channel if the step is per channel):
+
+        * ``mean_abs`` (LSQ): ``s_b = 2 * mean|x| / sqrt(Q_P)``
+        * ``three_sigma`` (the one-shot paper's weights): ``s_b = max(|mu - 3 sigma|, |mu + 3 sigma|) / 2^(b-1)``
+          with ``mu``, ``sigma`` the mean and standard deviation of ``x`` (of each channel).
+        """
         if self.auto_sign:
             self.signed.fill_(bool((x < 0).any()))
         signed = bool(self.signed)
+        rows = x.flatten(1) if self.step_numel() > 1 else x.reshape(1, -1)
+        rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
+        if self.init == "three_sigma":
+            # torch.std (Bessel-corrected) as the paper's code; a single value has spread |mu|
+            mu = rows.mean(1)
+            sigma = rows.std(1) if rows.shape[1] > 1 else torch.zeros_like(mu)
+            spread = torch.maximum((mu - 3 * sigma).abs(), (mu + 3 * sigma).abs())
+        else:
+            mean_abs = rows.abs().mean(1)
         for key, step in self.step.items():
-            _, qp = qrange(int(key), signed)
-            if step.numel() > 1:
-                mean_abs = x.abs().flatten(1).mean(1).view_as(step)
+            b = int(key)
+            if self.init == "three_sigma":
+                value = spread / 2 ** (b - 1)
             else:
-                mean_abs = x.abs().mean().view_as(step)
-            step.copy_((2 * mean_abs / math.sqrt(qp)).clamp_min(1e-8))
+                value = 2 * mean_abs / math.sqrt(qrange(b, signed)[1])
+            step.copy_(value.view_as(step).clamp_min(1e-8))
         self.initialized.fill_(True)
+
+    def step_numel(self) -> int:
+        """Number of step-size entries per bit-width (1: per tensor, C: per channel)."""
+        return next(iter(self.step.values())).numel() if len(self.step) else 1
 
     def grid(self, bits: int) -> tuple[int, int]:
         return qrange(bits, bool(self.signed))

@@ -11,10 +11,21 @@ import torch
 from torch import nn
 
 from .layers import QUANT_LAYERS, QuantConv2d, QuantLinear, SwitchableBatchNorm2d, bn_key
-from .quantizer import check_bits
+from .quantizer import FLOAT_BITS, check_bits
 
 BitConfig = Dict[str, Tuple[int, int]]
 PINNED_BITS = 8
+
+
+def is_pinned(layer: nn.Module) -> bool:
+    """A layer with a single weight and a single activation candidate (the 8-bit first/last layers)
+    never changes bits: it is not sampled, scheduled or searched."""
+    return len(layer.w_candidates) == 1 and len(layer.a_candidates) == 1
+
+
+def is_depthwise(layer: nn.Module) -> bool:
+    """A depthwise conv: one input channel per group (``weight.shape[1] == 1``) and several groups."""
+    return isinstance(layer, nn.Conv2d) and layer.groups > 1 and layer.weight.shape[1] == 1
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -50,7 +61,9 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def quantize_model(model: nn.Module, w_bits: Sequence[int] = (2, 3, 4, 5, 6),
                    a_bits: Sequence[int] = (2, 3, 4, 5, 6),
                    keep_8bit: Iterable[str] = ("first", "last"), per_channel: bool = True,
-                   bn: str = "shared") -> nn.Module:
+                   bn: str = "shared", w_init: str = "mean_abs", grad_scale: bool = True,
+                   depthwise_bits: Optional[Sequence[int]] = None,
+                   first_input_bits: int = PINNED_BITS) -> nn.Module:
     """Turn every Conv2d/Linear of ``model`` into a switchable-precision layer, in place.
 
     Args:
@@ -60,10 +73,20 @@ def quantize_model(model: nn.Module, w_bits: Sequence[int] = (2, 3, 4, 5, 6),
         per_channel: per-output-channel weight step sizes (else per tensor).
         bn: ``"shared"`` (one BatchNorm per layer; re-calibrate per configuration before evaluating)
             or ``"switchable"`` (one BatchNorm per (w_bits, a_bits) of the conv that feeds it).
+        w_init: weight step-size init, ``"mean_abs"`` (LSQ) or ``"three_sigma"`` (the one-shot
+            paper's ``max(|mu - 3 sigma|, |mu + 3 sigma|) / 2^(b-1)``).
+        grad_scale: LSQ step-size gradient scale ``1/sqrt(N Q_P)`` (the paper's code: off).
+        depthwise_bits: weight and activation candidates of depthwise convs (``None``: ``w_bits`` /
+            ``a_bits``; the paper's MobileNetV2 uses (3, 4, 5, 6)).
+        first_input_bits: input bits of the pinned first layer: 8, or 32 to leave the image
+            unquantized as the paper does (BitOPs still count that input at 8 bits).
     Returns the same ``model`` object.
     """
     w_bits = check_bits(w_bits, "w_bits")
     a_bits = check_bits(a_bits, "a_bits")
+    dw_bits = None if depthwise_bits is None else check_bits(depthwise_bits, "depthwise_bits")
+    if first_input_bits not in (PINNED_BITS, FLOAT_BITS):
+        raise ValueError(f"first_input_bits: must be {PINNED_BITS} or {FLOAT_BITS}, got {first_input_bits!r}")
     if bn not in ("shared", "switchable"):
         raise ValueError(f"bn: {bn!r} is not allowed; allowed: ['shared', 'switchable']")
     layers = list(_convertible(model))
@@ -82,13 +105,22 @@ def quantize_model(model: nn.Module, w_bits: Sequence[int] = (2, 3, 4, 5, 6),
             raise ValueError(f"keep_8bit: {k!r} is neither 'first', 'last' nor a quantizable layer; "
                              f"layers: {names}")
     for name, layer in layers:
-        wb, ab = ((PINNED_BITS,), (PINNED_BITS,)) if name in pinned else (w_bits, a_bits)
+        if name in pinned:
+            wb = (PINNED_BITS,)
+            ab = (first_input_bits,) if name == names[0] else (PINNED_BITS,)
+        elif dw_bits is not None and is_depthwise(layer):
+            wb, ab = dw_bits, dw_bits
+        else:
+            wb, ab = w_bits, a_bits
         cls = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
-        _set_submodule(model, name, cls.from_float(layer, wb, ab, per_channel=per_channel))
+        _set_submodule(model, name, cls.from_float(layer, wb, ab, per_channel=per_channel,
+                                                   w_init=w_init, grad_scale=grad_scale))
     if bn == "switchable":
         _make_switchable_bn(model)
     model.mpq_spec = {"w_bits": list(w_bits), "a_bits": list(a_bits),
-                      "pinned": sorted(pinned), "per_channel": per_channel, "bn": bn}
+                      "pinned": sorted(pinned), "per_channel": per_channel, "bn": bn,
+                      "depthwise_bits": None if dw_bits is None else list(dw_bits),
+                      "first_input_bits": int(first_input_bits)}
     return model
 
 
@@ -182,8 +214,8 @@ def uniform_config(model: nn.Module, w_bits: int, a_bits: int) -> BitConfig:
     """Every quantized layer at ``w_bits``/``a_bits``; pinned (8/8) layers keep their bits."""
     cfg = {}
     for name, layer in quant_layers(model).items():
-        if layer.w_candidates == (PINNED_BITS,) and layer.a_candidates == (PINNED_BITS,):
-            cfg[name] = (PINNED_BITS, PINNED_BITS)
+        if is_pinned(layer):
+            cfg[name] = (layer.w_candidates[0], layer.a_candidates[0])
         else:
             cfg[name] = _check_pair(name, (w_bits, a_bits), layer)
     return cfg
@@ -193,14 +225,18 @@ def _w_choices(layer, respect_frozen: bool) -> Tuple[int, ...]:
     return tuple(layer.w_allowed) if respect_frozen else layer.w_candidates
 
 
+def _a_choices(layer, respect_frozen: bool) -> Tuple[int, ...]:
+    return tuple(getattr(layer, "a_allowed", layer.a_candidates)) if respect_frozen else layer.a_candidates
+
+
 def max_config(model: nn.Module) -> BitConfig:
     """Every layer at its highest candidate bit-widths."""
     return {n: (max(m.w_candidates), max(m.a_candidates)) for n, m in quant_layers(model).items()}
 
 
 def min_config(model: nn.Module, respect_frozen: bool = True) -> BitConfig:
-    """Every layer at its lowest bit-widths (the lowest *allowed* weight bits when ``respect_frozen``)."""
-    return {n: (min(_w_choices(m, respect_frozen)), min(m.a_candidates))
+    """Every layer at its lowest bit-widths (the lowest *allowed* bits when ``respect_frozen``)."""
+    return {n: (min(_w_choices(m, respect_frozen)), min(_a_choices(m, respect_frozen)))
             for n, m in quant_layers(model).items()}
 
 
@@ -212,10 +248,10 @@ def random_config(model: nn.Module, generator: Optional[torch.Generator] = None,
     """
     cfg = {}
     for name, m in quant_layers(model).items():
-        ws = _w_choices(m, respect_frozen)
+        ws, acts = _w_choices(m, respect_frozen), _a_choices(m, respect_frozen)
         wi = int(torch.randint(len(ws), (1,), generator=generator))
-        ai = int(torch.randint(len(m.a_candidates), (1,), generator=generator))
-        cfg[name] = (ws[wi], m.a_candidates[ai])
+        ai = int(torch.randint(len(acts), (1,), generator=generator))
+        cfg[name] = (ws[wi], acts[ai])
     return cfg
 
 

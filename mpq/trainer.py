@@ -1,23 +1,28 @@
 """One-shot supernet training: sandwich sampling, in-place distillation, IDM, bit-width freezing,
-optional R2 / Quant-Noise / AQT clip calibration, DDP, AMP, exact resume.
+optional QE loss / model EMA / R2 / Quant-Noise / AQT clip calibration, DDP, AMP, exact resume.
 
 One training step (global batch ``B``, split across ``W`` ranks and ``K`` micro-batches)::
 
-    configs = [max, random_1 .. random_N, min]   (order from train.order; one generator, seeded alike
-                                                  on every rank, so every rank draws the same configs)
+    configs = [max, random_1 .. random_N (, min)]  (train.order; the paper: max + 3 random, no min;
+                                                  one generator, seeded alike on every rank, so every
+                                                  rank draws the same configs)
     for each micro-batch:
         for each config c:                         (set_bits(net, c))
             logits = net(x)
-            max:      loss = CE (+ lambda * R2)    -> teacher logits / post-BN features kept, detached
+            max:      loss = CE (+ lambda * R2)    -> teacher logits / features kept, detached
             other:    loss = (1 - w) * CE + w * KD(logits, teacher, T)
-                             + idm_weight * MSE(features, teacher features) on the lowest-bit layers
+                             + idm_weight * IDM(features, teacher features) on the lowest-bit layers
+                             (+ qe_weight(t) * QE(weights) on random subnets)
             (loss / K).backward()                  (gradients accumulate into the shared weights; only
                                                     the step sizes of the sampled bit-widths get one)
-    all-reduce (average) the gradients over ranks; [clip]; optimizer step; LR = warm-up + cosine
-    every observe_every steps: scheduler.observe(); scheduler.step(global_step)
+    all-reduce (average) the gradients over ranks; [clip by value / norm]; optimizer step(s): the
+    main one (LR = warm-up + cosine) and, with train.step_optimizer=adam, the step sizes' Adam
+    (cosine from train.step_lr to 0); [model EMA update]
+    scheduler.step(global_step): at its update steps, one line of scheduler.jsonl
 
-See :mod:`mpq.distributed` for why the model is not wrapped in DistributedDataParallel, and
-:mod:`mpq.checkpoint` for the checkpoint format.
+Evaluation (and search, through the checkpoint's ``model_ema``) uses the EMA model when
+``train.ema`` is on. See :mod:`mpq.distributed` for why the model is not wrapped in
+DistributedDataParallel, and :mod:`mpq.checkpoint` for the checkpoint format.
 """
 from __future__ import annotations
 
@@ -45,11 +50,14 @@ from .distributed import (DistEnv, ResumableDistributedSampler, all_reduce_gradi
                           init_distributed, shard)
 from .errors import UserError
 from .models import build_model
-from .supernet import (calibrate_activations, get_bits, max_config, min_config, quant_layers,
+from .supernet import (calibrate_activations, get_bits, is_pinned, max_config, min_config, quant_layers,
                        quantize_model, random_config, set_bits, uniform_config, unwrap)
 
 # One definition of BN re-calibration for training-time and search-time accuracies.
 from search.evaluator import recalibrate_bn  # noqa: E402
+
+
+SCHEDULER_LOG = "scheduler.jsonl"
 
 
 class TrainingInterrupted(Exception):
@@ -103,13 +111,25 @@ def _set_rng_state(state: Dict[str, Any], gens: Dict[str, torch.Generator], devi
             g.set_state(state[k])
 
 
-def _param_groups(net: nn.Module, extra: List[nn.Parameter], weight_decay: float):
-    """Weight decay on conv/linear weights only; none on step sizes, BatchNorm, biases, R2 params."""
+def is_step_size(name: str) -> bool:
+    """Whether a parameter name is an LSQ step size (of a weight or activation quantizer)."""
+    return ".w_quant." in name or ".a_quant." in name
+
+
+def _param_groups(net: nn.Module, extra: List[nn.Parameter], weight_decay: float,
+                  decay_linear: bool = True, with_steps: bool = True):
+    """Weight decay on conv (and, with ``decay_linear``, linear) weights only; none on step sizes,
+    BatchNorm, biases, R2 params. ``with_steps=False`` leaves the step sizes out (their own
+    optimizer)."""
     decay, no_decay = [], []
+    min_dim = 2 if decay_linear else 4
     for name, p in net.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad and not is_step_size(name):
             continue
-        if p.ndim > 1 and ".w_quant." not in name and ".a_quant." not in name:
+        if is_step_size(name):
+            if with_steps:
+                no_decay.append(p)
+        elif p.ndim >= min_dim:
             decay.append(p)
         else:
             no_decay.append(p)
@@ -120,14 +140,31 @@ def _param_groups(net: nn.Module, extra: List[nn.Parameter], weight_decay: float
     return groups
 
 
+def step_size_params(net: nn.Module) -> List[nn.Parameter]:
+    """The LSQ step sizes (also the currently frozen ones, e.g. AQT-calibrated: an optimizer skips
+    parameters without a gradient)."""
+    return [p for n, p in net.named_parameters() if is_step_size(n)]
+
+
 def spec_of(cfg: Dict[str, Any], num_classes: int, in_channels: int, input_size) -> Dict[str, Any]:
     q = cfg["quant"]
+    quant = {"w_bits": sorted(q["w_bits"]), "a_bits": sorted(q["a_bits"]),
+             "keep_8bit": list(q["keep_8bit"]), "per_channel": bool(q["per_channel"]), "bn": q["bn"]}
+    # structural options only when they differ from the default (older checkpoints stay compatible)
+    if q["depthwise_bits"] is not None:
+        quant["depthwise_bits"] = sorted(q["depthwise_bits"])
+    if q["first_input_bits"] != 8:
+        quant["first_input_bits"] = int(q["first_input_bits"])
     return {"model": {"name": cfg["model"]["name"], "num_classes": int(num_classes),
                       "in_channels": int(in_channels), "width": cfg["model"]["width"]},
-            "quant": {"w_bits": sorted(q["w_bits"]), "a_bits": sorted(q["a_bits"]),
-                      "keep_8bit": list(q["keep_8bit"]), "per_channel": bool(q["per_channel"]),
-                      "bn": q["bn"]},
-            "input_size": [int(v) for v in input_size]}
+            "quant": quant,
+            "input_size": [int(v) for v in input_size],
+            "bn_recalibrate": bool(q["bn"] == "shared" or cfg["eval"]["recalibrate_switchable"])}
+
+
+def needs_bn_recalibration(cfg: Dict[str, Any]) -> bool:
+    """Shared BN always; switchable BN when ``eval.recalibrate_switchable`` (the paper)."""
+    return cfg["quant"]["bn"] == "shared" or cfg["eval"]["recalibrate_switchable"]
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -221,7 +258,10 @@ class Trainer:
                                   width=cfg["model"]["width"])
         try:
             self.net = quantize_model(float_model, w_bits=q["w_bits"], a_bits=q["a_bits"],
-                                      keep_8bit=q["keep_8bit"], per_channel=q["per_channel"], bn=q["bn"])
+                                      keep_8bit=q["keep_8bit"], per_channel=q["per_channel"], bn=q["bn"],
+                                      w_init=q["w_init"], grad_scale=q["grad_scale"],
+                                      depthwise_bits=q["depthwise_bits"],
+                                      first_input_bits=q["first_input_bits"])
         except ValueError as e:
             raise UserError(f"quant.{e}") from None
         self.spec = spec_of(cfg, num_classes, self.info.in_channels, self.info.input_size)
@@ -235,6 +275,12 @@ class Trainer:
         calibrate_activations(self.net, calib)
         broadcast_module(self.net, env)
         self.model = torch.compile(self.net) if t["compile"] else self.net
+        # model EMA (before any training hook is attached: the copy would carry it)
+        self.ema = None
+        if t["ema"]:
+            from .ema import ModelEma, ema_decay_for
+            decay = t["ema_decay"] if t["ema_decay"] is not None else ema_decay_for(self.total_steps)
+            self.ema = ModelEma(self.net, decay)
 
         # losses
         self.r2 = None
@@ -246,16 +292,23 @@ class Trainer:
         self.tap = None
         if cfg["idm"]["enabled"]:
             from .losses import FeatureTap
-            self.tap = FeatureTap(self.net)
+            self.tap = FeatureTap(self.net, copy=cfg["idm"]["features"] == "post_bn")
 
-        # optimizer, AMP
+        # optimizer(s), AMP: the step sizes either join the main optimizer (no weight decay) or get
+        # their own Adam (the paper: lr 1e-5, betas (0.9, 0.999), cosine to 0)
+        separate_steps = t["step_optimizer"] == "adam"
         groups = _param_groups(self.net, list(self.r2.parameters()) if self.r2 is not None else [],
-                               t["weight_decay"])
+                               t["weight_decay"], decay_linear=t["decay_linear"],
+                               with_steps=not separate_steps)
         if t["optimizer"] == "sgd":
             self.opt = torch.optim.SGD(groups, lr=t["lr"], momentum=t["momentum"],
                                        nesterov=t["nesterov"] and t["momentum"] > 0)
         else:
             self.opt = torch.optim.AdamW(groups, lr=t["lr"], betas=(t["momentum"], 0.999))
+        self.step_opt = None
+        if separate_steps:
+            self.step_opt = torch.optim.Adam(step_size_params(self.net), lr=t["step_lr"],
+                                             betas=(0.9, 0.999), weight_decay=0.0)
         self.use_amp = t["amp"] and self.device.type == "cuda"
         self.amp_dtype = torch.float16 if t["amp_dtype"] == "float16" else torch.bfloat16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
@@ -266,14 +319,19 @@ class Trainer:
             from .scheduler import BitWidthFreezingScheduler
             s = cfg["scheduler"]
             self.bit_sched = BitWidthFreezingScheduler(
-                self.net, self.total_steps, warmup=s["warmup"], period=s["period"],
-                late_period=s["late_period"], late_start=s["late_start"], ratio_start=s["ratio_start"],
-                ratio_end=s["ratio_end"], threshold=s["threshold"], ema=s["ema"], which=s["which"])
+                self.net, self.total_steps, schedule=s["schedule"], warmup=s["warmup"],
+                period=s["period"], late_period=s["late_period"], late_start=s["late_start"],
+                ratio_start=s["ratio_start"], ratio_end=s["ratio_end"], threshold=s["threshold"],
+                ema=s["ema"], which=s["which"], round=s["round"], measure=s["measure"],
+                cumulative=s["cumulative"], freeze_acts=s["freeze_acts"])
         self.aqt = None
         if cfg["aqt"]["enabled"]:
             from .aqt import ActivationClipCalibrator
             a = cfg["aqt"]
-            self.aqt = ActivationClipCalibrator(self.net, a["warmup_steps"], a["ema"], a["freeze"])
+            warm = a["warmup_steps"] or max(1, int(round(a["warmup"] * self.total_steps)))
+            self.aqt = ActivationClipCalibrator(self.net, warm, a["ema"], a["freeze"],
+                                                float_warmup=a["float_warmup"],
+                                                per_channel=a["per_channel"])
 
         # evaluation configs (fixed for the whole run)
         self.eval_configs = self._make_eval_configs()
@@ -296,7 +354,7 @@ class Trainer:
         out = {"max": max_config(net), "min": min_config(net, respect_frozen=False)}
         layers = quant_layers(net)
         for b in e["uniform_bits"]:
-            ok = all(m.w_candidates == (8,) and m.a_candidates == (8,) or
+            ok = all(is_pinned(m) or
                      (b in m.w_candidates and b in m.a_candidates) for m in layers.values())
             if ok:
                 out[f"w{b}a{b}"] = uniform_config(net, b, b)
@@ -313,8 +371,10 @@ class Trainer:
             "format": ckpt_io.FORMAT, "version": ckpt_io.VERSION,
             "spec": self.spec,
             "model": net.state_dict(),
+            "model_ema": self.ema.state_dict() if self.ema is not None else None,
             "config": self.cfg,
             "allowed": {n: [int(b) for b in m.w_allowed] for n, m in quant_layers(net).items()},
+            "allowed_acts": {n: [int(b) for b in m.a_allowed] for n, m in quant_layers(net).items()},
             "metrics": self.metrics,
             "train_state": {
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
@@ -322,6 +382,7 @@ class Trainer:
                 "steps_per_epoch": self.steps_per_epoch, "world_size": self.env.world_size,
                 "complete": self.global_step >= self.total_steps,
                 "optimizer": self.opt.state_dict(),
+                "step_optimizer": self.step_opt.state_dict() if self.step_opt is not None else None,
                 "lr_schedule": {"kind": "warmup_cosine", "step": self.global_step,
                                 "warmup_steps": self.warmup_steps, "total_steps": self.total_steps},
                 "scaler": self.scaler.state_dict(),
@@ -345,7 +406,15 @@ class Trainer:
                             f"supernet?); it cannot be resumed")
         try:
             self.net.load_state_dict(ckpt["model"])
+            if self.ema is not None:
+                self.ema.load_state_dict(ckpt["model_ema"] if ckpt.get("model_ema") is not None
+                                         else ckpt["model"])
             self.opt.load_state_dict(ts["optimizer"])
+            if self.step_opt is not None:
+                if ts.get("step_optimizer") is None:
+                    raise ValueError("the checkpoint has no step-size optimizer state "
+                                     "(it was trained with train.step_optimizer=main)")
+                self.step_opt.load_state_dict(ts["step_optimizer"])
             self.scaler.load_state_dict(ts["scaler"])
             if self.bit_sched is not None and ts.get("bit_scheduler"):
                 self.bit_sched.load_state_dict(ts["bit_scheduler"])
@@ -353,6 +422,8 @@ class Trainer:
                 for n, m in quant_layers(self.net).items():
                     if n in ckpt.get("allowed", {}):
                         m.w_allowed = tuple(int(b) for b in ckpt["allowed"][n])
+                    if n in ckpt.get("allowed_acts", {}):
+                        m.a_allowed = tuple(int(b) for b in ckpt["allowed_acts"][n])
             if self.r2 is not None and ts.get("r2") is not None:
                 self.r2.load_state_dict(ts["r2"])
             if self.aqt is not None and ts.get("aqt") is not None:
@@ -413,6 +484,8 @@ class Trainer:
                             f"({e.strerror or type(e).__name__})") from None
         if self.global_step == 0:
             self._clear_previous_run()
+        else:
+            self._trim_scheduler_log()
         with open(os.path.join(self.run_dir, "config.yaml"), "w", encoding="utf-8") as f:
             f.write(dump_config(self.cfg))
         from torch.utils.tensorboard import SummaryWriter
@@ -425,7 +498,7 @@ class Trainer:
         kept by the checkpoint rotation in place of this run's)."""
         import glob
         old = sorted(ckpt_io.step_checkpoints(self.run_dir).values())
-        for name in (ckpt_io.LATEST, "metrics.jsonl"):
+        for name in (ckpt_io.LATEST, "metrics.jsonl", SCHEDULER_LOG):
             if os.path.isfile(os.path.join(self.run_dir, name)):
                 old.append(os.path.join(self.run_dir, name))
         old += glob.glob(os.path.join(glob.escape(self.run_dir), "tb", "events.out.tfevents.*"))
@@ -460,6 +533,12 @@ class Trainer:
             return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
         return nullcontext()
 
+    def qe_weight(self) -> float:
+        """The quantization-error loss weight of the current step (0 when off or too early)."""
+        from .losses import qe_weight_at
+        t = self.cfg["train"]
+        return qe_weight_at(self.global_step / max(self.total_steps, 1), t["qe_weight"], t["qe_start"])
+
     def sample_configs(self) -> List[Tuple[str, Dict[str, Tuple[int, int]]]]:
         """The configs of one step, in ``train.order`` (random ones drawn from the shared generator)."""
         out = []
@@ -481,12 +560,15 @@ class Trainer:
         configs = self.sample_configs()
         k = t["micro_batches"]
         self.opt.zero_grad(set_to_none=True)
+        if self.step_opt is not None:
+            self.step_opt.zero_grad(set_to_none=True)
         sums: Dict[str, torch.Tensor] = {}
         counts: Dict[str, int] = {}
         distill = dcfg["enabled"] and dcfg["kd_weight"] > 0
         idm = self.tap is not None and icfg["weight"] > 0
-        if distill or idm:
-            from .losses import idm_feature_loss, kd_loss, lowest_bit_layers
+        qe_w = self.qe_weight()
+        if distill or idm or qe_w > 0:
+            from .losses import idm_feature_loss, kd_loss, lowest_bit_layers, quantization_error_loss
         for m in range(k):
             xm, ym = (x, y) if k == 1 else (x[m::k], y[m::k])
             teacher, t_feats = None, None
@@ -507,13 +589,16 @@ class Trainer:
                             loss = (1 - w) * ce + w * kd_loss(logits, teacher, dcfg["temperature"])
                         if idm and t_feats is not None:
                             loss = loss + icfg["weight"] * idm_feature_loss(
-                                self.tap.features, t_feats, lowest_bit_layers(net, c))
+                                self.tap.features, t_feats, lowest_bit_layers(net, c),
+                                reduction=icfg["reduction"])
+                    if kind == "random" and qe_w > 0:   # the paper: random subnets only
+                        loss = loss + qe_w * quantization_error_loss(net)
                     if kind == "max":
                         teacher = logits.detach()
                         if idm:
                             t_feats = {n: f.detach() for n, f in self.tap.features.items()}
-                    if self.r2 is not None and i == 0:
-                        loss = loss + cfg["r2"]["weight"] * self.r2(net)
+                        if self.r2 is not None:
+                            loss = loss + cfg["r2"]["weight"] * self.r2(net)
                 if self.tap is not None:
                     self.tap.enabled = False
                     self.tap.clear()
@@ -525,23 +610,31 @@ class Trainer:
         if self.r2 is not None:
             params += list(self.r2.parameters())
         all_reduce_gradients(params, self.env)
-        if t["grad_clip"]:
-            self.scaler.unscale_(self.opt)
-            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], t["grad_clip"])
-        self.scaler.step(self.opt)
+        opts = [self.opt] + ([self.step_opt] if self.step_opt is not None else [])
+        if t["grad_clip"] or t["grad_clip_value"]:
+            for o in opts:
+                self.scaler.unscale_(o)
+            with_grad = [p for p in params if p.grad is not None]
+            if t["grad_clip_value"]:   # the paper: every gradient element into [-1, 1]
+                torch.nn.utils.clip_grad_value_(with_grad, t["grad_clip_value"])
+            if t["grad_clip"]:
+                torch.nn.utils.clip_grad_norm_(with_grad, t["grad_clip"])
+        for o in opts:
+            self.scaler.step(o)
         self.scaler.update()
+        if self.ema is not None:
+            self.ema.update(net)
         return {kind: float(s) / counts[kind] for kind, s in sums.items()}
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def _accuracy(self) -> Tuple[float, float]:
-        net = self.net
-        net.eval()
+    def _accuracy(self, model: nn.Module) -> Tuple[float, float]:
+        model.eval()
         correct, total, loss_sum = 0.0, 0.0, 0.0
         for x, y in self.val_loader:
             x, y = self._to_device(x), y.to(self.device, non_blocking=True)
             with self._autocast():
-                out = self.model(x)
+                out = model(x)
             loss_sum += float(F.cross_entropy(out.float(), y, reduction="sum"))
             correct += float((out.argmax(1) == y).sum())
             total += y.numel()
@@ -550,10 +643,12 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> Dict[str, Dict[str, float]]:
-        """Held-out accuracy (%) and loss of the evaluation configs. For shared BN each config's BN
-        statistics are re-calibrated on fixed training batches first. The training state (BN running
-        statistics, active bits, Quant-Noise) is restored afterwards."""
-        net = self.net
+        """Held-out accuracy (%) and loss of the evaluation configs, of the EMA model when
+        ``train.ema`` is on. For shared BN (and switchable BN with ``eval.recalibrate_switchable``)
+        each config's BN statistics are re-calibrated on fixed training batches first. The state
+        (BN running statistics, active bits, Quant-Noise) is restored afterwards."""
+        net = self.ema.module if self.ema is not None else self.net
+        model = net if self.ema is not None else self.model
         average_buffers(net, self.env)
         saved_buffers = {n: b.detach().clone() for n, b in net.named_buffers()}
         saved_bits = get_bits(net)
@@ -570,9 +665,9 @@ class Trainer:
                     results[name] = dict(prev)
                     continue
                 set_bits(net, c)
-                if self.cfg["quant"]["bn"] == "shared" and nrecal > 0:
+                if needs_bn_recalibration(self.cfg) and nrecal > 0:
                     recalibrate_bn(net, self.recal_loader, nrecal)
-                acc, loss = self._accuracy()
+                acc, loss = self._accuracy(model)
                 results[name] = {"acc": acc, "loss": loss}
                 done.append((c, results[name]))
         finally:
@@ -582,7 +677,7 @@ class Trainer:
             set_bits(net, saved_bits)
             for n, m in quant_layers(net).items():
                 m.quant_noise_p = saved_qn[n]
-            net.train()
+            net.train(net is self.net)
         return results
 
     # ------------------------------------------------------------------ loop
@@ -679,15 +774,20 @@ class Trainer:
                 lr = lr_at(self.global_step, self.total_steps, self.warmup_steps, t["lr"], t["min_lr"])
                 for gr in self.opt.param_groups:
                     gr["lr"] = lr
+                if self.step_opt is not None:   # cosine from train.step_lr to 0, no warm-up
+                    step_lr = lr_at(self.global_step, self.total_steps, 0, t["step_lr"], 0.0)
+                    for gr in self.step_opt.param_groups:
+                        gr["lr"] = step_lr
                 losses = self.train_step(self._to_device(x), y.to(self.device, non_blocking=True))
                 self.global_step += 1
                 self.step_in_epoch += 1
                 if self.aqt is not None and self.aqt.step(self.global_step):
                     self._log(f"aqt: activation clip bounds calibrated at step {self.global_step}")
                 if self.bit_sched is not None:
-                    if self.global_step % cfg["scheduler"]["observe_every"] == 0:
+                    if self.bit_sched.ema > 0 and self.global_step % cfg["scheduler"]["observe_every"] == 0:
                         self.bit_sched.observe()
-                    self.bit_sched.step(self.global_step)
+                    if self.bit_sched.step(self.global_step):
+                        self._record_scheduler_update()
                 for k, v in losses.items():
                     ep_sums[k] = ep_sums.get(k, 0.0) + v
                 ep_n += 1
@@ -727,6 +827,40 @@ class Trainer:
         self.step_in_epoch = 0
         self.epoch_loader_state = self.loader_gen.get_state()
         self.save_checkpoint()
+
+    def _record_scheduler_update(self) -> None:
+        """One line of ``scheduler.jsonl`` per freezing update: the full frozen state after it."""
+        if not self.env.is_main:
+            return
+        u = self.bit_sched.last_update or {}
+        entry = {"step": self.global_step,
+                 "epoch": round(self.global_step / max(self.steps_per_epoch, 1), 4),
+                 "ratio": round(float(u.get("ratio", 0.0)), 6), "layers": u.get("layers"),
+                 "frozen": self.bit_sched.frozen()}
+        if self.bit_sched.freeze_acts:
+            entry["frozen_acts"] = self.bit_sched.frozen_acts()
+        with open(os.path.join(self.run_dir, SCHEDULER_LOG), "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+        self._scalar("sched/frozen_layers", len(entry["frozen"]))
+        self._scalar("sched/frozen", self.bit_sched.num_frozen())
+
+    def _trim_scheduler_log(self) -> None:
+        """On resume, drop the updates logged after the checkpoint (they will be made again)."""
+        path = os.path.join(self.run_dir, SCHEDULER_LOG)
+        if not self.env.is_main or not os.path.isfile(path):
+            return
+        keep = []
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    if int(json.loads(line)["step"]) <= self.global_step:
+                        keep.append(line if line.endswith("\n") else line + "\n")
+                except (ValueError, KeyError, TypeError):
+                    continue
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
 
     def _record(self, epoch: int, train_loss: Dict[str, float], results, elapsed: float) -> None:
         frozen = self.bit_sched.frozen() if self.bit_sched is not None else {}

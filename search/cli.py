@@ -279,10 +279,10 @@ def _resolve_data(ckpt: Dict[str, Any], args) -> Dict[str, Any]:
 
 def _uniform_bits(net) -> List[int]:
     """Bit-widths b such that every non-pinned layer has b among its weight and activation candidates."""
-    from mpq.supernet import quant_layers
+    from mpq.supernet import is_pinned, quant_layers
     common = None
     for m in quant_layers(net).values():
-        if m.w_candidates == (8,) and m.a_candidates == (8,):
+        if is_pinned(m):
             continue
         s = set(m.w_candidates) & set(m.a_candidates)
         common = s if common is None else common & s

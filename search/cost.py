@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from mpq.layers import QuantConv2d, QuantLinear
-from mpq.supernet import get_bits, quant_layers, unwrap
+from mpq.quantizer import FLOAT_BITS
+from mpq.supernet import PINNED_BITS, get_bits, is_pinned, quant_layers, unwrap
 
 
 class BitOpsCounter:
@@ -30,13 +31,20 @@ class BitOpsCounter:
         self.model = unwrap(model)
         self.input_size = tuple(input_size)
         self.macs: Dict[str, int] = measure_macs(self.model, self.input_size)
+        # A pinned layer with a float input (the paper's unquantized image into the first conv) is
+        # counted at 8-bit input, as the paper counts it: the image itself is 8-bit data.
+        self.image_input = {n for n, m in quant_layers(self.model).items()
+                            if is_pinned(m) and m.a_candidates == (FLOAT_BITS,)}
+
+    def _a(self, name: str, a_bits: int) -> int:
+        return PINNED_BITS if name in self.image_input else a_bits
 
     def bitops(self, config: Optional[Mapping[str, Tuple[int, int]]] = None) -> float:
         config = get_bits(self.model) if config is None else config
-        return float(sum(self.macs[n] * config[n][0] * config[n][1] for n in self.macs))
+        return float(sum(self.macs[n] * config[n][0] * self._a(n, config[n][1]) for n in self.macs))
 
     def layer_bitops(self, config: Mapping[str, Tuple[int, int]]) -> Dict[str, float]:
-        return {n: float(self.macs[n] * config[n][0] * config[n][1]) for n in self.macs}
+        return {n: float(self.macs[n] * config[n][0] * self._a(n, config[n][1])) for n in self.macs}
 
 
 def measure_macs(model: nn.Module, input_size: Sequence[int]) -> Dict[str, int]:

@@ -166,10 +166,14 @@ def bn_modules_in_use(net: nn.Module) -> List[_BatchNorm]:
 
 
 def uses_shared_bn(net: nn.Module) -> bool:
-    """Whether BN statistics are shared by all configurations, so each configuration needs BN
-    re-calibration: the spec's ``bn == "shared"``, else whether any plain BatchNorm is in use."""
+    """Whether each configuration needs BN re-calibration: the spec's ``bn_recalibrate`` when a
+    checkpoint set it (switchable BN trained with ``eval.recalibrate_switchable``, as the paper
+    re-estimates before every evaluation), else ``bn == "shared"``, else whether any plain
+    BatchNorm is in use."""
     net = unwrap(net)
     spec = getattr(net, "mpq_spec", None)
+    if isinstance(spec, Mapping) and spec.get("bn_recalibrate") is not None:
+        return bool(spec["bn_recalibrate"])
     if isinstance(spec, Mapping) and "bn" in spec:
         return spec["bn"] == "shared"
     switchable = {id(b) for m in net.modules() if isinstance(m, SwitchableBatchNorm2d)

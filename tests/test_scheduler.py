@@ -12,6 +12,15 @@ from mpq.scheduler import BitWidthFreezingScheduler, layer_turbulence
 
 STEPS = {2: 0.2, 3: 0.1, 4: 0.05, 5: 0.025}
 
+# mpq's rules before the paper's became the defaults (periodic timing, cumulative, EMA, all bits,
+# ceil): these tests keep them working as options
+LEGACY = dict(schedule="periodic", which="most_turbulent", cumulative=True, ema=0.9, measure="all",
+              round="ceil")
+
+
+def legacy_scheduler(model, **kw):
+    return BitWidthFreezingScheduler(model, **{**LEGACY, **kw})
+
 
 def _net(w_bits=(2, 3, 4)):
     """Three schedulable layers ("0", "2", "5") and a pinned 8-bit last layer ("7")."""
@@ -94,7 +103,7 @@ def test_layer_turbulence_clipped_not_counted_and_pinned_skipped():
 def test_freezes_the_turbulent_layer_and_bit():
     net = _net()
     _configure(net, {"2": 3})
-    sched = BitWidthFreezingScheduler(net, total_steps=100, ratio_start=0.3, ratio_end=0.3, ema=0.0)
+    sched = legacy_scheduler(net, total_steps=100, ratio_start=0.3, ratio_end=0.3, ema=0.0)
     sched.observe()
     assert sched.turbulence()["2"] == pytest.approx({2: 0.0, 3: 1 / 3, 4: 0.0})
     assert "7" not in sched.turbulence()
@@ -121,7 +130,7 @@ def test_freezes_the_turbulent_layer_and_bit():
 def test_which_lowest_freezes_lowest_bit():
     net = _net()
     _configure(net, {"5": 3})
-    sched = BitWidthFreezingScheduler(net, total_steps=100, ratio_start=0.3, ratio_end=0.3,
+    sched = legacy_scheduler(net, total_steps=100, ratio_start=0.3, ratio_end=0.3,
                                       which="lowest")
     sched.observe()
     assert sched.step(10)
@@ -134,7 +143,7 @@ def test_which_lowest_freezes_lowest_bit():
 def test_other_layers_get_full_list_back_next_period():
     net = _net()
     _configure(net, {"2": 3})
-    sched = BitWidthFreezingScheduler(net, total_steps=100, ratio_start=0.3, ratio_end=0.3, ema=0.0)
+    sched = legacy_scheduler(net, total_steps=100, ratio_start=0.3, ratio_end=0.3, ema=0.0)
     sched.observe()
     sched.step(10)
     assert sched.frozen() == {"2": [3]}
@@ -151,12 +160,12 @@ def test_other_layers_get_full_list_back_next_period():
 def test_never_removes_max_and_keeps_two_bits():
     net = _net(w_bits=(2, 3, 4, 5))
     _configure(net, {"2": 3})
-    sched = BitWidthFreezingScheduler(net, total_steps=100, ratio_start=0.3, ratio_end=0.3)
+    sched = legacy_scheduler(net, total_steps=100, ratio_start=0.3, ratio_end=0.3)
     layers = mpq.quant_layers(net)
     history = []
     for step in range(0, 101):
         sched.observe()
-        if sched.step(step):
+        if sched.step(step) and sched.last_update["changed"]:
             history.append(tuple(layers["2"].w_allowed))
     # chosen every period: loses 3 (most turbulent), then 2 (ties at 0 -> lower bit), then stops
     assert history == [(2, 4, 5), (4, 5)]
@@ -167,7 +176,7 @@ def test_never_removes_max_and_keeps_two_bits():
 def test_ratio_cosine_and_ties_in_layer_order():
     net = _net(w_bits=(2, 3, 4, 5))
     _configure(net, {"0": 3, "2": 3, "5": 3})   # identical turbulence everywhere
-    sched = BitWidthFreezingScheduler(net, total_steps=100, ratio_start=0.9, ratio_end=0.1)
+    sched = legacy_scheduler(net, total_steps=100, ratio_start=0.9, ratio_end=0.1)
     assert sched.ratio(0) == pytest.approx(0.9)
     assert sched.ratio(50) == pytest.approx(0.5)
     assert sched.ratio(100) == pytest.approx(0.1)
@@ -187,7 +196,7 @@ def test_ratio_cosine_and_ties_in_layer_order():
 def test_late_period():
     net = _net()
     _configure(net, {"2": 3})
-    sched = BitWidthFreezingScheduler(net, total_steps=100, warmup=0.1, period=0.1,
+    sched = legacy_scheduler(net, total_steps=100, warmup=0.1, period=0.1,
                                       late_period=0.25, late_start=0.5)
     updates = []
     for step in range(0, 120):
@@ -201,11 +210,11 @@ def test_late_period():
 def test_bad_arguments():
     net = _net()
     with pytest.raises(ValueError, match="most_turbulent"):
-        BitWidthFreezingScheduler(net, total_steps=10, which="highest")
+        legacy_scheduler(net, total_steps=10, which="highest")
     with pytest.raises(ValueError):
-        BitWidthFreezingScheduler(net, total_steps=0)
+        legacy_scheduler(net, total_steps=0)
     with pytest.raises(ValueError):
-        BitWidthFreezingScheduler(net, total_steps=10, ema=1.0)
+        legacy_scheduler(net, total_steps=10, ema=1.0)
 
 
 def _plain(obj):
@@ -219,7 +228,7 @@ def _plain(obj):
 def test_state_dict_round_trip_restores_allowed():
     net = _net()
     _configure(net, {"2": 3})
-    sched = BitWidthFreezingScheduler(net, total_steps=100, ratio_start=0.3, ratio_end=0.3, ema=0.5)
+    sched = legacy_scheduler(net, total_steps=100, ratio_start=0.3, ratio_end=0.3, ema=0.5)
     sched.observe()
     sched.step(10)
     state = sched.state_dict()
@@ -231,7 +240,7 @@ def test_state_dict_round_trip_restores_allowed():
 
     fresh = _net()
     assert tuple(mpq.quant_layers(fresh)["2"].w_allowed) == (2, 3, 4)
-    other = BitWidthFreezingScheduler(fresh, total_steps=100, ratio_start=0.3, ratio_end=0.3, ema=0.5)
+    other = legacy_scheduler(fresh, total_steps=100, ratio_start=0.3, ratio_end=0.3, ema=0.5)
     other.load_state_dict(loaded)
     assert tuple(mpq.quant_layers(fresh)["2"].w_allowed) == (2, 4)
     assert other.frozen() == {"2": [3]}
@@ -257,10 +266,122 @@ def test_real_model_and_wrapped():
             super().__init__()
             self.module = m
 
-    sched = BitWidthFreezingScheduler(Wrapper(net), total_steps=10, warmup=0.0)
+    sched = legacy_scheduler(Wrapper(net), total_steps=10, warmup=0.0)
     sched.observe()
     turb = sched.turbulence()
     assert sorted(turb) == [f"features.{i}.0" for i in range(1, 5)]   # first/last pinned
     assert all(0.0 <= v <= 0.5 for t in turb.values() for v in t.values())
     assert sched.step(0)
     assert sched.num_frozen() == 2               # ceil(0.5 * 4) layers lose one bit each
+
+
+# ----------------------------------------------------------------------------- the paper's rules
+def _expected_update_epochs():
+    """Written out from the reference's description: every 2 epochs from 7 to 107, then 119, 134, 149."""
+    return list(range(7, 108, 2)) + [119, 134, 149]
+
+
+def _paper_ratio(e):
+    return 0.2 + 0.15 * (1 + math.cos(math.pi * ((e - 5) // 2) / 75))
+
+
+def _nineteen_layer_net():
+    torch.manual_seed(3)
+    layers = []
+    for _ in range(19):
+        layers += [nn.Conv2d(4, 4, 1), nn.ReLU()]
+    return mpq.quantize_model(nn.Sequential(*layers), w_bits=(2, 3, 4, 5, 6), a_bits=(2, 3, 4, 5, 6),
+                              keep_8bit=())
+
+
+def test_reference_update_epochs_are_the_papers_54():
+    from mpq.scheduler import reference_update_epochs
+    assert reference_update_epochs() == _expected_update_epochs()
+    assert len(reference_update_epochs()) == 54
+
+
+def test_reference_schedule_on_a_simulated_150_epoch_run():
+    """19 mixed layers (ResNet-18's count), 150 epochs of 10 steps: updates fire exactly at the start
+    of the reference epochs; after each, floor(19 r(e)) layers lack exactly their lowest candidate."""
+    net = _nineteen_layer_net()
+    steps_per_epoch = 10
+    sched = BitWidthFreezingScheduler(net, total_steps=150 * steps_per_epoch)
+    layers = mpq.quant_layers(net)
+    fired = []
+    with torch.no_grad():
+        for step in range(0, 150 * steps_per_epoch + 1):
+            for layer in layers.values():   # the weights move between updates (training stand-in)
+                layer.weight.add_(0.01 * torch.randn_like(layer.weight))
+            if sched.step(step):
+                fired.append(step)
+                e = step // steps_per_epoch
+                k = math.floor(19 * _paper_ratio(e))
+                lacking = {n: sorted(set(m.w_candidates) - set(m.w_allowed)) for n, m in layers.items()}
+                assert sum(1 for v in lacking.values() if v) == k, (e, lacking)
+                assert all(v in ([], [2]) for v in lacking.values())          # only the lowest, once
+                assert all(tuple(m.a_allowed) == m.a_candidates for m in layers.values())
+    assert fired == [e * steps_per_epoch for e in _expected_update_epochs()]
+    assert math.floor(19 * _paper_ratio(7)) == 9 and math.floor(19 * _paper_ratio(149)) == 3
+
+
+def test_reference_schedule_scales_to_a_short_run():
+    net = _nineteen_layer_net()
+    sched = BitWidthFreezingScheduler(net, total_steps=429)     # one embedded-default epoch
+    fired = [s for s in range(430) if sched.step(s)]
+    assert len(fired) == 54 and sched.num_planned_updates() == 54
+    assert fired[0] == math.ceil(7 / 150 * 429) and fired[-1] == math.ceil(149 / 150 * 429)
+
+
+def test_snapshot_scores_are_repeatable_and_use_the_allowed_bits():
+    net = _nineteen_layer_net()
+    sched = BitWidthFreezingScheduler(net, total_steps=100)
+    name, layer = next(iter(mpq.quant_layers(net).items()))
+    layer.w_allowed = (3, 4, 5, 6)
+    sched.observe()
+    first = sched.scores()
+    sched.observe()
+    assert sched.scores() == first
+    turb = layer_turbulence(layer)                       # every candidate, independently
+    assert first[name] == pytest.approx(sum(turb[b] for b in (3, 4, 5, 6)) / 4)
+    assert sorted(sched.turbulence()[name]) == [3, 4, 5, 6]
+
+
+def test_freeze_acts_removes_the_lowest_activation_bit_too():
+    net = _nineteen_layer_net()
+    sched = BitWidthFreezingScheduler(net, total_steps=150, freeze_acts=True)
+    assert sched.step(7)
+    for name, layer in mpq.quant_layers(net).items():
+        if 2 in layer.w_allowed:
+            assert 2 in layer.a_allowed
+        else:
+            assert tuple(layer.a_allowed) == (3, 4, 5, 6) and tuple(layer.w_allowed) == (3, 4, 5, 6)
+    for _ in range(50):       # random configs never draw a frozen activation bit
+        cfg = mpq.random_config(net, torch.Generator().manual_seed(_))
+        for name, (w, a) in cfg.items():
+            layer = mpq.quant_layers(net)[name]
+            assert w in layer.w_allowed and a in layer.a_allowed
+
+
+def test_training_writes_scheduler_jsonl(tmp_path):
+    """A short run with the (default) paper schedule logs >= 40 updates; every record holds the full
+    frozen state: each layer lacks at most its lowest candidate, and the count never grows."""
+    import json
+    import support
+    from mpq.trainer import Trainer
+    cfg = support.tiny_config(tmp_path, "data.train_subset=2400", "data.batch_size=16", "train.epochs=1",
+                              "model.width=4", "scheduler.enabled=true", "idm.enabled=false",
+                              "train.num_random=1", "train.order=[max,random]")
+    Trainer(cfg).fit()
+    with open(tmp_path / "tiny" / "scheduler.jsonl", encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
+    assert len(records) >= 40
+    net = mpq.checkpoint.load_supernet(str(tmp_path / "tiny" / "supernet.pt"))[0]
+    lowest = {n: min(m.w_candidates) for n, m in mpq.quant_layers(net).items()}
+    counts = []
+    for r in records:
+        assert set(r) >= {"step", "epoch", "ratio", "frozen"}
+        for name, bits in r["frozen"].items():
+            assert bits == [lowest[name]]
+        counts.append(len(r["frozen"]))
+    assert counts == sorted(counts, reverse=True)
+    assert [r["step"] for r in records] == sorted({r["step"] for r in records})
