@@ -9,7 +9,10 @@
 3. a full greedy search of a ResNet-18 supernet on a small calibration set: wall time and subnet
    forward passes, fast strategy vs naive greedy;
 4. peak memory of supernet training vs float training: the peak RSS of a child process during three
-   training steps (VmHWM reset after the first step), and the memory a step adds above the resident set.
+   training steps (VmHWM reset after the first step), and the memory a step adds above the resident set;
+5. ONNX: the QDQ ``model.onnx`` of uniform W4A4 (``search.onnx_export``) vs the float ONNX model of the
+   same architecture (BatchNorm folded, every layer float): file bytes and onnxruntime CPU inference
+   time (ORT_ENABLE_ALL), both sessions in this process.
 """
 from __future__ import annotations
 
@@ -119,6 +122,37 @@ def bench_export(models: Sequence[str]) -> List[Dict]:
     return rows
 
 
+def bench_onnx(models: Sequence[str]) -> List[Dict]:
+    import numpy as np
+    import onnxruntime as ort
+    from search.export import fixed_model
+    from search.onnx_export import build_onnx
+    rows = []
+    for name in models:
+        float_net, supernet, x, _ = make_pair(name)
+        supernet.eval()
+        qdq, _ = build_onnx(fixed_model(supernet, mpq.uniform_config(supernet, 4, 4)), list(x.shape[1:]))
+        # the float reference: the same architecture with every layer at 32 bits (BN folded as well)
+        flt = mpq.quantize_model(copy.deepcopy(float_net), w_bits=(32,), a_bits=(32,), keep_8bit=())
+        flt.eval()
+        fproto, _ = build_onnx(fixed_model(flt), list(x.shape[1:]))
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = torch.get_num_threads()
+        sq = ort.InferenceSession(qdq.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        sf = ort.InferenceSession(fproto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        feed = {"input": x.numpy().astype(np.float32)}
+        tf1 = median_time(lambda: sf.run(None, feed))
+        tq = median_time(lambda: sq.run(None, feed))
+        tf2 = median_time(lambda: sf.run(None, feed))
+        tf = min(tf1, tf2)
+        qb, fb = len(qdq.SerializeToString()), len(fproto.SerializeToString())
+        rows.append({"model": name, "batch": int(x.shape[0]), "qdq_bytes": qb, "float_bytes": fb,
+                     "bytes_ratio": qb / fb, "ort_float_ms": tf * 1e3, "ort_qdq_ms": tq * 1e3,
+                     "ort_ratio": tq / tf})
+    return rows
+
+
 def bench_search(calib_batches: int = 2, batch_size: int = 16) -> List[Dict]:
     """Greedy search of a ResNet-18 supernet (10 classes, 32x32 inputs, BitOPs at 224x224) down to
     the uniform W3A3 BitOPs on a small random calibration set: fast strategy vs naive greedy."""
@@ -205,7 +239,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results/speed.json")
     ap.add_argument("--kernel", choices=["eager", "compiled", "both"], default="both")
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: train,export,search,memory")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: train,export,search,memory,onnx")
     ap.add_argument("--models", default=",".join(MODELS),
                     help="models of the train/export/memory sections (comma list of " + ", ".join(MODELS) + ")")
     args = ap.parse_args(argv)
@@ -220,7 +254,8 @@ def main(argv=None) -> int:
     sections = [("train", "1. training step: supernet / float", lambda: bench_train_step(kernels, models)),
                 ("export", "2. inference: exported fixed-precision / float", lambda: bench_export(models)),
                 ("search", "3. greedy search on ResNet-18", bench_search),
-                ("memory", "4. peak memory of training: supernet / float", lambda: bench_memory(models))]
+                ("memory", "4. peak memory of training: supernet / float", lambda: bench_memory(models)),
+                ("onnx", "5. ONNX (onnxruntime): QDQ W4A4 / float", lambda: bench_onnx(models))]
     for key, title, fn in sections:
         if key in skip:
             continue

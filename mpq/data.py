@@ -18,8 +18,26 @@ FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
-# Fashion-MNIST training-set mean/std of pixel values in [0, 1].
-FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
+# Per-channel mean/std of pixel values in [0, 1] that every loader normalises with.
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530     # Fashion-MNIST training set
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def preprocess_of(name: str, image_size: int = 224) -> dict:
+    """What a deployed model expects of its input, torchvision's convention: pixels scaled to [0, 1],
+    then ``(x - mean) / std`` per channel, NCHW float32 of ``input_size`` = [C, H, W] (ImageNet: the
+    shorter side resized to ``resize``, then a ``center_crop``)."""
+    if name == "fashion_mnist":
+        return {"mean": [FASHION_MNIST_MEAN], "std": [FASHION_MNIST_STD], "input_size": [1, 28, 28]}
+    if name in ("cifar10", "cifar100"):
+        return {"mean": list(CIFAR_MEAN), "std": list(CIFAR_STD), "input_size": [3, 32, 32]}
+    if name == "imagenet":
+        return {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+                "input_size": [3, image_size, image_size], "resize": int(image_size * 256 / 224),
+                "center_crop": int(image_size)}
+    raise UserError(f"data.name: unknown data set {name!r}; allowed: ['fashion_mnist', 'cifar10', "
+                    f"'cifar100', 'imagenet']")
 
 
 @dataclass
@@ -70,7 +88,7 @@ def _cifar(root: str, name: str, train: bool):
     if not os.path.isdir(os.path.join(root, folder)):
         raise UserError(f"data.root: {os.path.join(root, folder)!r} not found; expected torchvision's "
                         f"{name.upper()} layout: <root>/{folder}/ (the extracted python-version archive)")
-    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+    mean, std = CIFAR_MEAN, CIFAR_STD
     tf = (T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
           if train else T.Compose([T.ToTensor(), T.Normalize(mean, std)]))
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
@@ -87,7 +105,7 @@ def _imagenet(root: str, train: bool, image_size: int = 224):
     if not os.path.isdir(sub):
         raise UserError(f"data.root: {sub!r} not found; expected an ImageFolder tree "
                         f"<root>/train/<class>/*.JPEG and <root>/val/<class>/*.JPEG")
-    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
     if train:
         tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
     else:

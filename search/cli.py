@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("output")
     o.add_argument("--export", action=argparse.BooleanOptionalAction, default=True,
                    help="write model_fixed.pt (the accuracy of the fixed model is measured either way)")
+    o.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --export, also write model.onnx (QDQ, opset 21, for onnxruntime) and "
+                        "encodings.json, and measure the ONNX model's accuracy in onnxruntime "
+                        "(needs the onnx extra)")
     o.add_argument("--compare-uniform", action=argparse.BooleanOptionalAction, default=True,
                    help="evaluate the uniform W=A configurations and the searched ones at their BitOPs "
                         "on the evaluation split")
@@ -275,6 +279,18 @@ def _resolve_data(ckpt: Dict[str, Any], args) -> Dict[str, Any]:
         data["seed"] = args.seed
     data.setdefault("root", None)
     return data
+
+
+def export_onnx(payload, out_dir: str, suffix: str, preprocess, eval_set, batch_size: int) -> Dict[str, Any]:
+    """Write ``model{suffix}.onnx`` and ``encodings{suffix}.json`` of an exported payload and measure
+    the ONNX model's accuracy in onnxruntime on ``eval_set``; returns the config.json entries."""
+    from .onnx_export import ort_accuracy, to_onnx
+    onnx_name, enc_name = f"model{suffix}.onnx", f"encodings{suffix}.json"
+    info = to_onnx(payload, os.path.join(out_dir, onnx_name), preprocess=preprocess,
+                   encodings_path=os.path.join(out_dir, enc_name))
+    acc = ort_accuracy(os.path.join(out_dir, onnx_name), eval_set, batch_size)
+    return {"onnx_model": onnx_name, "onnx_model_bytes": info["bytes"], "onnx_accuracy": acc["acc"],
+            "encodings": enc_name}
 
 
 def _uniform_bits(net) -> List[int]:
@@ -560,6 +576,14 @@ def run(args) -> int:
             return picked[key]
 
         out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "search")
+        from mpq.data import preprocess_of
+        preprocess = preprocess_of(data["name"], input_size[-1])
+        write_onnx = bool(args.export and args.onnx)
+        if write_onnx:
+            from .onnx_export import INSTALL_HINT, onnx_available
+            if not onnx_available():
+                _log(f"note: no model.onnx: {INSTALL_HINT}", main)
+                write_onnx = False
         if main:
             os.makedirs(out_dir, exist_ok=True)
         eval_bar = tqdm(total=len(targets) * 2, desc="final evaluation", unit="eval", disable=not show,
@@ -577,7 +601,7 @@ def run(args) -> int:
             eval_bar.update(1)
             evaluator.prepare(cfg)
             meta = {"budget": t.as_dict(), "bitops": cost.bitops(cfg), "size_bytes": cost.size_bytes(cfg),
-                    "checkpoint_sha256": digest, "model": model_name}
+                    "checkpoint_sha256": digest, "model": model_name, "preprocess": preprocess}
             payload = fixed_payload(net, cfg, spec, meta=meta)
             fixed = fixed_from_payload(payload).to(device)
             fx = evaluate(fixed, None, eval_set, device=device, recalibrate=False,
@@ -585,14 +609,19 @@ def run(args) -> int:
             eval_bar.update(1)
             fname = None
             fbytes = None
+            onnx_info: Dict[str, Any] = {}
             if args.export:
-                fname = "model_fixed.pt" if i == 0 else f"model_fixed_{i + 1}.pt"
+                suffix = "" if i == 0 else f"_{i + 1}"
+                fname = f"model_fixed{suffix}.pt"
                 if main:
                     from mpq.checkpoint import atomic_save
                     meta.update({"accuracy": fx["acc"], "eval_samples": fx["n"]})
                     payload["meta"] = meta
                     atomic_save(payload, os.path.join(out_dir, fname))
                     fbytes = os.path.getsize(os.path.join(out_dir, fname))
+                    if write_onnx:
+                        onnx_info = export_onnx(payload, out_dir, suffix, preprocess, eval_set,
+                                                args.batch_size)
             results.append({
                 "budget": t.as_dict(),
                 "layers": {n: {"w_bits": int(w), "a_bits": int(a)} for n, (w, a) in cfg.items()},
@@ -602,6 +631,7 @@ def run(args) -> int:
                 "calib_accuracy": chosen["acc"], "calib_loss": chosen["loss"], "source": chosen["source"],
                 "z_vs_uniform": chosen.get("z_vs_uniform"), "uniform_ref": chosen.get("uniform_ref"),
                 "fixed_model": fname, "fixed_model_bytes": fbytes, "float_model_bytes": float_bytes,
+                **onnx_info,
             })
             del fixed
         eval_bar.close()
@@ -642,6 +672,9 @@ def run(args) -> int:
             "calib_accuracy": first["calib_accuracy"], "source": first["source"],
             "fixed_model": first["fixed_model"], "fixed_model_bytes": first["fixed_model_bytes"],
             "float_model_bytes": float_bytes,
+            "onnx_model": first.get("onnx_model"), "onnx_model_bytes": first.get("onnx_model_bytes"),
+            "onnx_accuracy": first.get("onnx_accuracy"), "encodings": first.get("encodings"),
+            "preprocess": preprocess,
             "data": {"name": data["name"], "root": data.get("root"), "seed": seed,
                      "calib_split": split.calib_split, "eval_split": "val",
                      "calib_samples": len(calib_idx),
@@ -690,7 +723,8 @@ def run(args) -> int:
                  f"{100 * c['accuracy']:.2f}%  |  searched at <= its BitOPs: "
                  f"{format_bitops(c['searched_bitops'])}, {100 * c['searched_accuracy']:.2f}%", main)
         _log(f"wrote {out_dir}/config.json, pareto.csv, pareto.png"
-             + (", model_fixed.pt" if args.export else ""), main)
+             + (", model_fixed.pt" if args.export else "")
+             + (", model.onnx, encodings.json" if args.export and write_onnx else ""), main)
         if world > 1:
             torch.distributed.barrier()
         return 0

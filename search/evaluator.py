@@ -250,6 +250,7 @@ def _key(config: Mapping[str, Sequence[int]]) -> Tuple:
 
 
 BN_MODES = ("auto", "recalibrate", "stored", "batch")
+FORMS = ("supernet", "exported")
 
 
 @torch.no_grad()
@@ -290,7 +291,7 @@ def evaluate(net: nn.Module, config: Optional[Mapping[str, Sequence[int]]], load
              recalibrate: Optional[bool] = None, bn_mode: str = "auto",
              counter: Optional[ForwardCounter] = None, batch_size: int = DEFAULT_BATCH_SIZE,
              max_batches: Optional[int] = None, reduce: Optional[bool] = None,
-             collect: Optional[Dict[str, Any]] = None) -> Dict[str, float]:
+             collect: Optional[Dict[str, Any]] = None, form: str = "supernet") -> Dict[str, float]:
     """Accuracy and mean cross-entropy of ``config`` (``None``: the active one) on ``loader``.
 
     Args:
@@ -309,12 +310,18 @@ def evaluate(net: nn.Module, config: Optional[Mapping[str, Sequence[int]]], load
             more than one rank).
         collect: a dict that receives this rank's per-sample ``"correct"`` (bool) and ``"loss"``
             tensors, in data order.
+        form: ``"supernet"`` runs the supernet as it is; ``"exported"`` runs the configuration in
+            the arithmetic of the exported model (:func:`search.export.fixed_model`: BN folded into
+            the weight scales, bias rounded to int32 at ``s_a * s_w``), after the BN step, so the
+            figure is the exported model's.
     Returns ``{"acc", "loss", "n"}`` (accuracy in [0, 1], mean loss, number of samples).
     """
     net = unwrap(net)
     device = _device_of(net, device)
     if bn_mode not in BN_MODES:
         raise ValueError(f"bn_mode: {bn_mode!r} is not allowed; allowed: {list(BN_MODES)}")
+    if form not in FORMS:
+        raise ValueError(f"form: {form!r} is not allowed; allowed: {list(FORMS)}")
     if config is not None:
         set_bits(net, config)
     if bn_mode == "auto":
@@ -327,9 +334,16 @@ def evaluate(net: nn.Module, config: Optional[Mapping[str, Sequence[int]]], load
     if isinstance(loader, Dataset):
         loader = shard(loader)
     net.eval()
+    model = net
+    if form == "exported":
+        if bn_mode == "batch":
+            raise ValueError("evaluate: form='exported' needs stored or re-calibrated BN statistics, "
+                             "not bn_mode='batch'")
+        from .export import fixed_model
+        model = fixed_model(net).to(device)
     ctx = batch_stat_bn(net) if bn_mode == "batch" else contextlib.nullcontext()
     with ctx:
-        correct, loss_sum, n, batches = _run(net, loader, device, batch_size, max_batches, collect)
+        correct, loss_sum, n, batches = _run(model, loader, device, batch_size, max_batches, collect)
     if counter is not None:
         counter.eval_forwards += batches
         counter.samples += n
@@ -346,7 +360,8 @@ class Evaluator:
     """Evaluates configurations of one supernet on fixed, in-memory calibration batches.
 
     * :meth:`exact`: the whole calibration set (this rank's shard, all-reduced), BN re-calibrated on
-      the BN batches first when the supernet shares BN;
+      the BN batches first when the supernet shares BN, in the exported model's arithmetic
+      (``form="exported"``, default: folded BN, int32 bias; ``"supernet"``: the supernet as it is);
     * :meth:`proxy`: the first ``proxy_batches`` calibration batches (default 4; the same on every
       rank, no communication) with batch-statistics BN (shared BN) or the stored statistics
       (switchable BN): one forward pass per batch, no re-calibration; used to pre-rank greedy moves.
@@ -363,7 +378,10 @@ class Evaluator:
                  batch_size: int = DEFAULT_BATCH_SIZE, bn_batches: int = DEFAULT_BN_BATCHES,
                  proxy_batches: int = DEFAULT_PROXY_BATCHES, device=None,
                  recalibrate: Optional[bool] = None, counter: Optional[ForwardCounter] = None,
-                 workers: int = 0) -> None:
+                 workers: int = 0, form: str = "exported") -> None:
+        if form not in FORMS:
+            raise ValueError(f"Evaluator: form {form!r} is not allowed; allowed: {list(FORMS)}")
+        self.form = form
         self.net = unwrap(net)
         self.device = _device_of(self.net, device)
         self.batch_size = batch_size
@@ -397,7 +415,7 @@ class Evaluator:
         collect: Dict[str, Any] = {}
         out = evaluate(self.net, config, self.calib, self.bn_data, len(self.bn_data), self.device,
                        recalibrate=self.recalibrate, counter=self.counter, batch_size=self.batch_size,
-                       reduce=dist_info()[1] > 1, collect=collect)
+                       reduce=dist_info()[1] > 1, collect=collect, form=self.form)
         from mpq.supernet import get_bits
         self.samples[_key(get_bits(self.net))] = collect
         return out
@@ -446,7 +464,8 @@ class Evaluator:
         """The configuration on other data (e.g. the held-out evaluation split), BN re-calibrated
         on the same BN batches as :meth:`exact`."""
         return evaluate(self.net, config, data, self.bn_data, len(self.bn_data), self.device,
-                        recalibrate=self.recalibrate, counter=counter, batch_size=self.batch_size)
+                        recalibrate=self.recalibrate, counter=counter, batch_size=self.batch_size,
+                        form=self.form)
 
     def prepare(self, config: Optional[Mapping[str, Sequence[int]]]) -> None:
         """Select ``config`` and re-calibrate BN for it (as :meth:`exact` would), e.g. before export."""

@@ -9,9 +9,15 @@ checkpoint's spec) in which
 * every BatchNorm that directly follows a quantized conv (:func:`mpq.supernet.bn_after_conv`) is
   **folded** into that conv (per-channel scale ``s_w * gamma / sqrt(var + eps)`` and bias
   ``beta - mean * gamma / sqrt(var + eps)``) and replaced by ``nn.Identity``;
+* the bias is held as an integer runtime holds it: ``round(bias / (s_a * s_w))`` in int32, times
+  ``s_a * s_w`` (per output channel; a layer with a float input keeps a float bias);
 * input activations are still fake-quantized with :func:`mpq.quantizer.fake_quant`, the function the
-  supernet's forward uses, so the exported model computes what the searched subnet computes (up to
-  float rounding of the folded BN).
+  supernet's forward uses.
+
+Folding and the int32 bias change the numbers a little (values at rounding midpoints flip), so the
+search scores configurations in exactly this form: :func:`fixed_model` builds it in memory and
+:class:`search.evaluator.Evaluator` (``form="exported"``) evaluates it; the searched accuracy is the
+exported model's. :mod:`search.onnx_export` writes the same model as ONNX QDQ.
 
 File format (``torch.load(path, weights_only=True)`` loads it; plain containers and tensors only)::
 
@@ -26,7 +32,8 @@ File format (``torch.load(path, weights_only=True)`` loads it; plain containers 
                         + geometry: in/out channels, kernel_size, stride, padding, dilation,
                           groups, padding_mode}},
      "state": the remaining float parameters/buffers (other BNs, embeddings, ...),
-     "meta": free-form info (bitops, accuracy, checkpoint hash, ...)}
+     "meta": free-form info (bitops, accuracy, checkpoint hash, "preprocess": {"mean", "std",
+             "input_size"} of the input, ...)}
 """
 from __future__ import annotations
 
@@ -92,21 +99,39 @@ class _FixedMixin:
         self.register_buffer("weight_scale", scale)
         self.register_buffer("bias", bias)
         self.register_buffer("act_step", act_step)
-        # ``codes * scale`` is computed once and kept (not saved: the file holds the packed codes),
-        # so inference costs what the float model costs plus the activation fake-quant.
+        # Derived once (not saved: the file holds the packed codes and the float bias), so that
+        # inference costs what the float model costs plus the activation fake-quant, and the forward
+        # is a pure function of buffers (torch.export / ONNX export work after any number of calls).
         self.register_buffer("weight_dq", None, persistent=False)
-        self._dq_versions = None
+        self.register_buffer("bias_q", None, persistent=False)
+        self.register_buffer("bias_dq", None, persistent=False)
+        self.refresh()
+        self.register_load_state_dict_post_hook(lambda module, keys: module.refresh())
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Recompute the derived buffers from the codes, scales, bias and activation step:
+
+        * ``weight_dq = codes * scale`` (BN folded into the scale where it was folded);
+        * the bias as a deployment runtime holds it: ``bias_q = round(bias / (s_a * s_w))`` in int32
+          and ``bias_dq = bias_q * (s_a * s_w)`` per output channel (``s_a`` the input step, ``s_w``
+          the channel's weight scale); a float input (no ``s_a``) keeps the float bias.
+        """
+        self.weight_dq = self.weight_codes.to(self.weight_scale.dtype) * self.weight_scale
+        self.bias_q, self.bias_dq = None, self.bias
+        if self.bias is not None and self.act_step is not None:
+            bscale = self.bias_scale()
+            q = torch.round(self.bias / torch.where(bscale == 0, torch.ones_like(bscale), bscale))
+            q = q.clamp_(-2.0 ** 31, 2.0 ** 31 - 1)
+            self.bias_q = q.to(torch.int32)
+            self.bias_dq = self.bias_q.to(bscale.dtype) * bscale
+
+    def bias_scale(self) -> torch.Tensor:
+        """``s_a * s_w`` per output channel (float32, as ONNX's int32 bias DequantizeLinear uses it)."""
+        return (self.act_step.reshape(()) * self.weight_scale.reshape(-1)).to(self.weight_scale.dtype)
 
     def dequantized_weight(self) -> torch.Tensor:
-        """``codes * scale`` (BN folded into the scale where it was folded); cached until the codes
-        or the scale change."""
-        versions = (self.weight_codes._version, self.weight_scale._version,
-                    self.weight_codes.data_ptr(), self.weight_scale.data_ptr())
-        if self.weight_dq is None or self._dq_versions != versions or torch.is_grad_enabled():
-            w = self.weight_codes.to(self.weight_scale.dtype) * self.weight_scale
-            if torch.is_grad_enabled():
-                return w
-            self.weight_dq, self._dq_versions = w, versions
+        """``codes * scale`` (see :meth:`refresh`)."""
         return self.weight_dq
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -140,9 +165,9 @@ class FixedConv2d(_FixedMixin, nn.Module):
         w = self.dequantized_weight()
         if self.padding_mode != "zeros":
             pad = [p for p in reversed(self.padding) for _ in range(2)]
-            return F.conv2d(F.pad(x, pad, mode=self.padding_mode), w, self.bias, self.stride, 0,
+            return F.conv2d(F.pad(x, pad, mode=self.padding_mode), w, self.bias_dq, self.stride, 0,
                             self.dilation, self.groups)
-        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.conv2d(x, w, self.bias_dq, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -160,7 +185,7 @@ class FixedLinear(_FixedMixin, nn.Module):
         self._init_fixed(codes, scale, bias, act_step, act_qn, act_qp, w_bits, a_bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.quantized_input(x), self.dequantized_weight(), self.bias)
+        return F.linear(self.quantized_input(x), self.dequantized_weight(), self.bias_dq)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.fixed_repr()}"
@@ -216,6 +241,53 @@ def _plain_state(net: nn.Module, skipped: set, float_layers: Optional[Mapping[st
     return state
 
 
+def layer_arrays(net: nn.Module, name: str, layer: nn.Module, bn_name: Optional[str]) -> Dict[str, Any]:
+    """The exported form of one quantized layer at its active bits: integer weight codes, the
+    per-output-channel scale (times the folded BN's ``gamma / sqrt(var + eps)`` when ``bn_name``
+    names the BN that follows it), the bias (with the folded BN's shift), the input step and grid,
+    and the layer geometry. Scale and bias are computed in float64 and stored in the weights' dtype."""
+    w_bits, a_bits = int(layer.w_bits), int(layer.a_bits)
+    weight = layer.weight.detach().cpu()
+    out_ch = weight.shape[0]
+    shape = (out_ch,) + (1,) * (weight.dim() - 1)
+    bias = layer.bias.detach().cpu().double() if layer.bias is not None else None
+    if w_bits == FLOAT_BITS:
+        codes = weight.clone()
+        scale = torch.ones(shape, dtype=torch.float64)
+    else:
+        step = layer.w_quant.step[str(w_bits)].detach().cpu()
+        qn, qp = layer.w_quant.grid(w_bits)
+        codes = integer_codes(weight, step, qn, qp).to(torch.int16)
+        scale = step.double().expand(shape).clone() if step.numel() == 1 else step.double().reshape(shape)
+    if bn_name is not None:
+        bn_mod = net.get_submodule(bn_name)
+        bn = bn_mod.current() if isinstance(bn_mod, SwitchableBatchNorm2d) else bn_mod
+        g, h = _bn_fold(bn)
+        g = g.cpu()
+        scale = scale * g.view(shape)
+        bias = h.cpu() + (bias * g if bias is not None else 0.0)
+    if a_bits == FLOAT_BITS:
+        act_step, act_qn, act_qp = None, 0, 0
+    else:
+        act_step = layer.a_quant.step[str(a_bits)].detach().cpu().clone()
+        act_qn, act_qp = layer.a_quant.grid(a_bits)
+    entry: Dict[str, Any] = {
+        "kind": "conv2d" if isinstance(layer, QuantConv2d) else "linear",
+        "w_bits": w_bits, "a_bits": a_bits, "shape": list(weight.shape), "codes": codes,
+        "scale": scale.to(weight.dtype), "bias": bias.to(weight.dtype) if bias is not None else None,
+        "act_step": act_step, "act_qn": int(act_qn), "act_qp": int(act_qp), "folded_bn": bn_name,
+    }
+    if isinstance(layer, QuantConv2d):
+        entry.update({"in_channels": layer.in_channels, "out_channels": layer.out_channels,
+                      "kernel_size": list(layer.kernel_size), "stride": list(layer.stride),
+                      "padding": layer.padding if isinstance(layer.padding, str) else list(layer.padding),
+                      "dilation": list(layer.dilation), "groups": layer.groups,
+                      "padding_mode": layer.padding_mode})
+    else:
+        entry.update({"in_features": layer.in_features, "out_features": layer.out_features})
+    return entry
+
+
 def fixed_payload(net: nn.Module, config: Optional[Mapping[str, Sequence[int]]] = None,
                   spec: Optional[Mapping[str, Any]] = None, fold_bn: bool = True,
                   meta: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
@@ -228,58 +300,20 @@ def fixed_payload(net: nn.Module, config: Optional[Mapping[str, Sequence[int]]] 
     if config is not None:
         set_bits(net, config)
     config = get_bits(net)
-    layers = quant_layers(net)
     links = bn_after_conv(net) if fold_bn else {}
     skip_prefixes = []
     entries: Dict[str, Dict[str, Any]] = {}
     folded: Dict[str, str] = {}
-    for name, layer in layers.items():
+    for name, layer in quant_layers(net).items():
         skip_prefixes.append(name)
-        w_bits, a_bits = int(layer.w_bits), int(layer.a_bits)
-        weight = layer.weight.detach().cpu()
-        out_ch = weight.shape[0]
-        bias = layer.bias.detach().cpu().double() if layer.bias is not None else None
-        if w_bits == FLOAT_BITS:
-            codes = weight.clone()
-            scale = torch.ones((out_ch,) + (1,) * (weight.dim() - 1), dtype=torch.float64)
-        else:
-            step = layer.w_quant.step[str(w_bits)].detach().cpu()
-            qn, qp = layer.w_quant.grid(w_bits)
-            codes = integer_codes(weight, step, qn, qp).to(torch.int16)
-            scale = step.double().expand((out_ch,) + (1,) * (weight.dim() - 1)).clone() \
-                if step.numel() == 1 else step.double().reshape((out_ch,) + (1,) * (weight.dim() - 1))
-        bn_name = links.get(name)
-        if bn_name is not None:
-            bn_mod = net.get_submodule(bn_name)
-            bn = bn_mod.current() if isinstance(bn_mod, SwitchableBatchNorm2d) else bn_mod
-            g, h = _bn_fold(bn)
-            g = g.cpu()
-            scale = scale * g.view((out_ch,) + (1,) * (weight.dim() - 1))
-            bias = h.cpu() + (bias * g if bias is not None else 0.0)
-            folded[name] = bn_name
-            skip_prefixes.append(bn_name)
-        if a_bits == FLOAT_BITS:
-            act_step, act_qn, act_qp = None, 0, 0
-        else:
-            act_step = layer.a_quant.step[str(a_bits)].detach().cpu().clone()
-            act_qn, act_qp = layer.a_quant.grid(a_bits)
-        entry: Dict[str, Any] = {
-            "kind": "conv2d" if isinstance(layer, QuantConv2d) else "linear",
-            "w_bits": w_bits, "a_bits": a_bits, "shape": list(weight.shape),
-            "packed": None if w_bits == FLOAT_BITS else pack_codes(codes, w_bits),
-            "weight": codes.float() if w_bits == FLOAT_BITS else None,
-            "scale": scale.to(weight.dtype), "bias": bias.to(weight.dtype) if bias is not None else None,
-            "act_step": act_step, "act_qn": int(act_qn), "act_qp": int(act_qp),
-            "folded_bn": bn_name,
-        }
-        if isinstance(layer, QuantConv2d):
-            entry.update({"in_channels": layer.in_channels, "out_channels": layer.out_channels,
-                          "kernel_size": list(layer.kernel_size), "stride": list(layer.stride),
-                          "padding": layer.padding if isinstance(layer.padding, str) else list(layer.padding),
-                          "dilation": list(layer.dilation), "groups": layer.groups,
-                          "padding_mode": layer.padding_mode})
-        else:
-            entry.update({"in_features": layer.in_features, "out_features": layer.out_features})
+        entry = layer_arrays(net, name, layer, links.get(name))
+        codes = entry.pop("codes")
+        w_bits = entry["w_bits"]
+        entry["packed"] = None if w_bits == FLOAT_BITS else pack_codes(codes, w_bits)
+        entry["weight"] = codes.float() if w_bits == FLOAT_BITS else None
+        if entry["folded_bn"] is not None:
+            folded[name] = entry["folded_bn"]
+            skip_prefixes.append(entry["folded_bn"])
         entries[name] = entry
     # everything else: the float state of the modules that are neither quantized layers nor folded BNs
     state = _plain_state(net, set(p for p in skip_prefixes if p))
@@ -289,6 +323,31 @@ def fixed_payload(net: nn.Module, config: Optional[Mapping[str, Sequence[int]]] 
             "config": {n: [int(w), int(a)] for n, (w, a) in config.items()},
             "layers": entries, "folded": folded, "state": state,
             "meta": _plain(meta) if meta is not None else {}}
+
+
+def fixed_model(net: nn.Module, config: Optional[Mapping[str, Sequence[int]]] = None,
+                fold_bn: bool = True) -> nn.Module:
+    """The fixed-precision model of ``config`` built in memory (no file), numerically the model
+    :func:`export` writes and :func:`load_fixed` reads: the search scores configurations in this
+    form, so the searched accuracy is the exported model's. BN statistics are used as they are."""
+    import copy
+    net = unwrap(net)
+    if config is not None:
+        set_bits(net, config)
+    links = bn_after_conv(net) if fold_bn else {}
+    arrays = {name: layer_arrays(net, name, layer, links.get(name))
+              for name, layer in quant_layers(net).items()}
+    model = copy.deepcopy(net)
+    for name, entry in arrays.items():
+        _set_submodule(model, name, _fixed_module(entry))
+        if entry["folded_bn"] is not None:
+            _set_submodule(model, entry["folded_bn"], nn.Identity())
+    for name, m in list(model.named_modules()):
+        if isinstance(m, SwitchableBatchNorm2d):
+            _set_submodule(model, name, m.current())
+    model.eval()
+    model.mpq_fixed_config = {n: (int(e["w_bits"]), int(e["a_bits"])) for n, e in arrays.items()}
+    return model
 
 
 def _share_storage(entries: Dict[str, Dict[str, Any]]) -> None:
@@ -332,7 +391,10 @@ def _fixed_module(entry: Mapping[str, Any]) -> nn.Module:
     numel = 1
     for s in shape:
         numel *= s
-    if w_bits == FLOAT_BITS:
+    if entry.get("codes") is not None:   # in memory (fixed_model)
+        codes = entry["codes"].reshape(shape).clone()
+        codes = codes.to(torch.int8) if w_bits <= 8 else codes
+    elif w_bits == FLOAT_BITS:
         codes = entry["weight"].reshape(shape).clone()
     else:
         codes = unpack_codes(entry["packed"], w_bits, numel).reshape(shape)
@@ -385,6 +447,7 @@ def fixed_from_payload(payload: Mapping[str, Any], model: Optional[nn.Module] = 
     model.eval()
     model.mpq_fixed_config = {n: tuple(v) for n, v in payload["config"].items()}
     model.mpq_fixed_meta = dict(payload.get("meta") or {})
+    model.mpq_fixed_spec = payload.get("spec")
     return model
 
 

@@ -410,7 +410,9 @@ def test_distributed_evaluation_shards_and_all_reduces(tmp_path):
     net = _tiny_supernet()
     cfg = mpq.uniform_config(net, 4, 2)
     ref = evaluate(net, cfg, _data(90), bn_loader=_data(64, seed=5), bn_batches=2, batch_size=16)
-    for k in ("evaluate", "exact"):
+    ref_exported = evaluate(net, cfg, _data(90), bn_loader=_data(64, seed=5), bn_batches=2,
+                            batch_size=16, form="exported")   # Evaluator.exact's arithmetic
+    for k, ref in (("evaluate", ref), ("exact", ref_exported)):
         assert got[k]["n"] == ref["n"] == 90
         assert got[k]["acc"] == ref["acc"]
         assert got[k]["loss"] == pytest.approx(ref["loss"], rel=1e-6)
