@@ -633,7 +633,7 @@ def run_benchmark(s: Dict[str, Any], log: Callable[[str], None] = print,
         runner.on_progress = save_partial
     need_full = bool(sections & {1, 2})
     need_search = bool(sections & {1, 2})
-    variants = [v for v in SUPERNET_VARIANTS if v != FULL] if 3 in sections else []
+    variants = [v for v in (s.get("variants") or SUPERNET_VARIANTS) if v != FULL] if 3 in sections else []
 
     def on_supernet(res):
         runs["supernet"].append(res)
@@ -932,6 +932,9 @@ def parse_args(argv=None) -> Tuple[Dict[str, Any], argparse.Namespace]:
     p.add_argument("--val-subset", type=int, help="test images evaluated (default: all 10000)")
     p.add_argument("--max-steps", type=int, help="cap the steps of every training run")
     p.add_argument("--sections", default="1,2,3,4", help="sections to run, e.g. 1,2 (default all)")
+    p.add_argument("--variants", default=None,
+                   help="section 3: comma list of supernet variants to train (default all: "
+                        + ", ".join(SUPERNET_VARIANTS) + ")")
     p.add_argument("--r2-weights", help="comma-separated R2 lambdas (default: the embedded default's "
                                         f"r2.weight and 1e-2: {','.join(f'{w:g}' for w in d['r2_weights'])})")
     p.add_argument("--jobs", type=int, help=f"worker processes (default {d['jobs']}: the CPU count)")
@@ -975,6 +978,11 @@ def parse_args(argv=None) -> Tuple[Dict[str, Any], argparse.Namespace]:
         p.error(f"--sections: expected numbers among 1,2,3,4, got {a.sections!r}")
     s["seed0"] = a.seed
     s["quick"] = bool(a.quick)
+    if a.variants:
+        s["variants"] = [v.strip() for v in a.variants.split(",") if v.strip()]
+        bad = [v for v in s["variants"] if v not in SUPERNET_VARIANTS]
+        if bad:
+            p.error(f"--variants: unknown {bad[0]!r}; allowed: {', '.join(SUPERNET_VARIANTS)}")
     return s, a
 
 

@@ -86,13 +86,14 @@ distill:
   kd_weight: 0.5             # loss = (1 - kd_weight) * CE + kd_weight * KD
   temperature: 1.0
 idm:
-  enabled: true              # information-distortion mitigation
+  enabled: false             # information-distortion mitigation (off in the embedded default: within
+                             # noise at this scale, README "Quality" section 3; the paper's configs turn it on)
   weight: 0.01               # weight of the feature-alignment MSE on the lowest-bit layers
   reduction: mean            # mean | sum over the aligned layers (paper: sum)
   features: post_bn          # post_bn (BN output) | reference (the tensor the paper's hook stores: after
                              # the in-place ReLU / residual add that follow the BN)
 scheduler:
-  enabled: true              # bit-width freezing scheduler
+  enabled: true              # bit-width freezing scheduler (the paper's rules; README "Quality" section 3)
   schedule: reference        # reference: the paper's 54 updates at fixed fractions of training (4.7%,
                              # then every 1.33% to 71.3%, then 79.3/89.3/99.3%) | periodic (below)
   warmup: 0.1                # periodic: first update (fraction of the total steps)

@@ -323,23 +323,21 @@ class BitWidthFreezingScheduler:
         return n
 
     # ------------------------------------------------------------------ reporting
-    def frozen(self) -> Dict[str, List[int]]:
-        """``{layer: [removed weight bits]}`` for the layers with frozen bit-widths."""
+    def _removed(self, kind: str) -> Dict[str, List[int]]:
         out = {}
         for name, layer in quant_layers(self.model).items():
-            removed = sorted(set(layer.w_candidates) - set(layer.w_allowed))
+            removed = sorted(set(getattr(layer, f"{kind}_candidates")) - set(getattr(layer, f"{kind}_allowed")))
             if removed:
                 out[name] = removed
         return out
 
+    def frozen(self) -> Dict[str, List[int]]:
+        """``{layer: [removed weight bits]}`` for the layers with frozen bit-widths."""
+        return self._removed("w")
+
     def frozen_acts(self) -> Dict[str, List[int]]:
         """``{layer: [removed activation bits]}`` (only with ``freeze_acts``)."""
-        out = {}
-        for name, layer in quant_layers(self.model).items():
-            removed = sorted(set(layer.a_candidates) - set(layer.a_allowed))
-            if removed:
-                out[name] = removed
-        return out
+        return self._removed("a")
 
     def num_frozen(self) -> int:
         """Total number of frozen (layer, weight bit-width) pairs."""

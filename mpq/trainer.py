@@ -268,6 +268,8 @@ class Trainer:
         # Record the width actually built, so the checkpoint does not depend on a later default.
         if cfg["model"]["name"] in WIDTH_MODELS:
             self.spec["model"]["width"] = float_model.width
+        # how evaluation and search treat BN (also in the EMA copy and the checkpoint's spec)
+        self.net.mpq_spec["bn_recalibrate"] = needs_bn_recalibration(cfg)
         self.net.to(self.device)
         if t["channels_last"]:
             self.net.to(memory_format=torch.channels_last)
