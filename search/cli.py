@@ -281,18 +281,6 @@ def _resolve_data(ckpt: Dict[str, Any], args) -> Dict[str, Any]:
     return data
 
 
-def export_onnx(payload, out_dir: str, suffix: str, preprocess, eval_set, batch_size: int) -> Dict[str, Any]:
-    """Write ``model{suffix}.onnx`` and ``encodings{suffix}.json`` of an exported payload and measure
-    the ONNX model's accuracy in onnxruntime on ``eval_set``; returns the config.json entries."""
-    from .onnx_export import ort_accuracy, to_onnx
-    onnx_name, enc_name = f"model{suffix}.onnx", f"encodings{suffix}.json"
-    info = to_onnx(payload, os.path.join(out_dir, onnx_name), preprocess=preprocess,
-                   encodings_path=os.path.join(out_dir, enc_name))
-    acc = ort_accuracy(os.path.join(out_dir, onnx_name), eval_set, batch_size)
-    return {"onnx_model": onnx_name, "onnx_model_bytes": info["bytes"], "onnx_accuracy": acc["acc"],
-            "encodings": enc_name}
-
-
 def _uniform_bits(net) -> List[int]:
     """Bit-widths b such that every non-pinned layer has b among its weight and activation candidates."""
     from mpq.supernet import is_pinned, quant_layers
@@ -578,12 +566,12 @@ def run(args) -> int:
         out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "search")
         from mpq.data import preprocess_of
         preprocess = preprocess_of(data["name"], input_size[-1])
-        write_onnx = bool(args.export and args.onnx)
-        if write_onnx:
+        onnx_wanted = bool(args.export and args.onnx)
+        if onnx_wanted:
             from .onnx_export import INSTALL_HINT, onnx_available
             if not onnx_available():
                 _log(f"note: no model.onnx: {INSTALL_HINT}", main)
-                write_onnx = False
+                onnx_wanted = False
         if main:
             os.makedirs(out_dir, exist_ok=True)
         eval_bar = tqdm(total=len(targets) * 2, desc="final evaluation", unit="eval", disable=not show,
@@ -619,9 +607,10 @@ def run(args) -> int:
                     payload["meta"] = meta
                     atomic_save(payload, os.path.join(out_dir, fname))
                     fbytes = os.path.getsize(os.path.join(out_dir, fname))
-                    if write_onnx:
-                        onnx_info = export_onnx(payload, out_dir, suffix, preprocess, eval_set,
-                                                args.batch_size)
+                    if onnx_wanted:
+                        from .onnx_export import write_onnx
+                        onnx_info = write_onnx(payload, out_dir, suffix, preprocess, eval_set,
+                                               args.batch_size)
             results.append({
                 "budget": t.as_dict(),
                 "layers": {n: {"w_bits": int(w), "a_bits": int(a)} for n, (w, a) in cfg.items()},
@@ -724,7 +713,7 @@ def run(args) -> int:
                  f"{format_bitops(c['searched_bitops'])}, {100 * c['searched_accuracy']:.2f}%", main)
         _log(f"wrote {out_dir}/config.json, pareto.csv, pareto.png"
              + (", model_fixed.pt" if args.export else "")
-             + (", model.onnx, encodings.json" if args.export and write_onnx else ""), main)
+             + (", model.onnx, encodings.json" if onnx_wanted else ""), main)
         if world > 1:
             torch.distributed.barrier()
         return 0

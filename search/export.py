@@ -484,6 +484,13 @@ def export(net: nn.Module, config: Optional[Mapping[str, Sequence[int]]], path: 
     return {"path": path, "bytes": size, "float_bytes": fb, "ratio": size / fb if fb else float("nan")}
 
 
+def to_onnx(model_or_payload, path: str, **kwargs) -> Dict[str, Any]:
+    """Write ``model.onnx`` (QDQ) of a fixed model, payload, ``model_fixed.pt`` path or supernet +
+    ``config=``; see :func:`search.onnx_export.to_onnx` (imported lazily: it needs the onnx extra)."""
+    from .onnx_export import to_onnx as _to_onnx
+    return _to_onnx(model_or_payload, path, **kwargs)
+
+
 def load_fixed(path: str, model: Optional[nn.Module] = None) -> nn.Module:
     """Load an exported fixed-precision model (``weights_only=True``); see :func:`fixed_from_payload`."""
     from mpq.checkpoint import safe_load

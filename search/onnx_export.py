@@ -289,12 +289,17 @@ def _emit_function(b: _Builder, node: fx.Node, args: List[Any], kwargs: Dict[str
     raise ValueError(f"ONNX export: operation {t!r} ({node.op} {node.name}) is not supported")
 
 
-def _as_model(model_or_payload: Union[nn.Module, Mapping[str, Any], str]) -> nn.Module:
+def _as_model(model_or_payload: Union[nn.Module, Mapping[str, Any], str],
+              config: Optional[Mapping[str, Sequence[int]]] = None) -> nn.Module:
     if isinstance(model_or_payload, str):
         return load_fixed(model_or_payload)
     if isinstance(model_or_payload, Mapping):
         return fixed_from_payload(model_or_payload)
     if isinstance(model_or_payload, nn.Module):
+        from mpq.supernet import quant_layers
+        if quant_layers(model_or_payload):   # a supernet: its config (BN statistics as they are)
+            from .export import fixed_model
+            return fixed_model(model_or_payload, config)
         if not any(isinstance(m, _FixedMixin) for m in model_or_payload.modules()):
             raise ValueError("to_onnx: the model holds no fixed-precision layer; export a supernet "
                              "configuration first (search.export.fixed_model / load_fixed)")
@@ -369,15 +374,18 @@ def build_onnx(model_or_payload, input_shape: Sequence[int], preprocess: Optiona
 
 def to_onnx(model_or_payload, path: str, input_shape: Optional[Sequence[int]] = None,
             preprocess: Optional[Mapping[str, Any]] = None, metadata: Optional[Mapping[str, Any]] = None,
-            encodings_path: Optional[str] = None, opset: int = OPSET) -> Dict[str, Any]:
+            encodings_path: Optional[str] = None, opset: int = OPSET,
+            config: Optional[Mapping[str, Sequence[int]]] = None) -> Dict[str, Any]:
     """Write the QDQ ONNX model of a fixed model (a module from :func:`search.export.load_fixed` /
-    :func:`~search.export.fixed_model`, an exported payload dict, or the path of a
-    ``model_fixed.pt``) to ``path`` atomically, and ``encodings_path`` (JSON) when given.
+    :func:`~search.export.fixed_model`, an exported payload dict, the path of a
+    ``model_fixed.pt``, or a supernet with ``config``: its BN statistics are used as they are, so
+    re-calibrate shared BN for ``config`` first, e.g. :meth:`search.evaluator.Evaluator.prepare`)
+    to ``path`` atomically, and ``encodings_path`` (JSON) when given.
 
     ``input_shape`` ``[C, H, W]`` defaults to the payload's spec ``input_size``; ``preprocess``
     (``{"mean", "std", "input_size"}``) and ``metadata`` go into the model's ``metadata_props``.
     Returns ``{"path", "bytes", "encodings"}``."""
-    model = _as_model(model_or_payload)
+    model = _as_model(model_or_payload, config)
     if input_shape is None:
         meta = getattr(model, "mpq_fixed_meta", {}) or {}
         pre = preprocess or meta.get("preprocess") or {}
@@ -440,3 +448,14 @@ def ort_accuracy(path: str, data, batch_size: int = 500) -> Dict[str, float]:
         correct += int((logits.argmax(1) == y.numpy()).sum())
         n += int(y.numel())
     return {"acc": correct / max(n, 1), "n": n}
+
+
+def write_onnx(payload, out_dir: str, suffix: str, preprocess, eval_set, batch_size: int = 500) -> Dict[str, Any]:
+    """Write ``model{suffix}.onnx`` and ``encodings{suffix}.json`` of an exported payload and measure
+    the ONNX model's accuracy in onnxruntime on ``eval_set``; returns the config.json entries."""
+    onnx_name, enc_name = f"model{suffix}.onnx", f"encodings{suffix}.json"
+    info = to_onnx(payload, os.path.join(out_dir, onnx_name), preprocess=preprocess,
+                   encodings_path=os.path.join(out_dir, enc_name))
+    acc = ort_accuracy(os.path.join(out_dir, onnx_name), eval_set, batch_size)
+    return {"onnx_model": onnx_name, "onnx_model_bytes": info["bytes"], "onnx_accuracy": acc["acc"],
+            "encodings": enc_name}

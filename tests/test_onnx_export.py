@@ -583,3 +583,20 @@ def test_to_onnx_rejects_float_models_and_supernets(tmp_path):
     with pytest.raises(TypeError):
         to_onnx(42, out, input_shape=[3, 8, 8])
     assert not os.listdir(tmp_path)
+
+
+def test_to_onnx_from_a_supernet_and_config(tmp_path):
+    """search.export.to_onnx(supernet, path, config=...) exports that configuration: the same bytes
+    as exporting fixed_model(supernet, config)."""
+    from search.export import to_onnx as export_to_onnx
+    torch.manual_seed(70)
+    net = mpq.quantize_model(mpq.models.SmallMobileNet(width=8))
+    mpq.calibrate_activations(net, randn(8, [1, 28, 28], seed=71))
+    net.eval()
+    cfg = mpq.random_config(net, torch.Generator().manual_seed(72))
+    a, b = str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx")
+    export_to_onnx(net, a, input_shape=[1, 28, 28], config=cfg)
+    to_onnx(fixed_model(net, cfg), b, input_shape=[1, 28, 28])
+    assert open(a, "rb").read() == open(b, "rb").read()
+    assert json.loads({p.key: p.value for p in onnx.load(a).metadata_props}["config"]) == \
+        {n: [w, c] for n, (w, c) in cfg.items()}

@@ -85,7 +85,24 @@ def test_search_outputs_budget_and_exported_accuracy(searched, ckpt, w3a3_bitops
     assert fixed.mpq_fixed_config == cfg
     r = evaluate(fixed, None, eval_set, recalibrate=False, batch_size=128)
     assert r["acc"] == doc["accuracy"] and r["n"] == 256
-    assert abs(doc["supernet_accuracy"] - doc["accuracy"]) <= 1.0 / 256 + 1e-12
+    # the search scores the exported arithmetic: the searched figure is the exported model's
+    assert doc["supernet_accuracy"] == doc["accuracy"]
+    # model.onnx (QDQ) runs in onnxruntime with the same accuracy; preprocess travels with it
+    import onnx
+    from search.onnx_export import ort_accuracy
+    onnx_path = os.path.join(searched, doc["onnx_model"])
+    proto = onnx.load(onnx_path)
+    onnx.checker.check_model(proto)
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    types = {t.data_type for t in proto.graph.initializer}
+    assert onnx.TensorProto.INT4 in types or onnx.TensorProto.INT8 in types
+    assert doc["preprocess"] == {"mean": [0.286], "std": [0.353], "input_size": [1, 28, 28]}
+    assert json.loads({p.key: p.value for p in proto.metadata_props}["preprocess"]) == doc["preprocess"]
+    assert abs(ort_accuracy(onnx_path, eval_set)["acc"] - doc["accuracy"]) <= 0.0005
+    assert doc["onnx_accuracy"] == ort_accuracy(onnx_path, eval_set)["acc"]
+    assert os.path.isfile(os.path.join(searched, doc["encodings"]))
+    assert fixed.mpq_fixed_meta["preprocess"] == doc["preprocess"]
     assert os.path.getsize(os.path.join(searched, "model_fixed.pt")) == doc["fixed_model_bytes"]
     assert doc["fixed_model_bytes"] < doc["float_model_bytes"] / 4
 
@@ -322,3 +339,17 @@ def test_no_refine_and_refinement_under_a_size_budget(ckpt, tmp_path):
     assert len(res.path) > 1   # it moved
     for step in res.path:
         assert cost.size_bytes(step.config) <= limit   # every step within the size budget
+
+
+def test_without_the_onnx_extra_the_torch_export_still_works(ckpt, tmp_path, monkeypatch, capsys):
+    import search.onnx_export as onnx_export
+    monkeypatch.setattr(onnx_export, "onnx_available", lambda: False)
+    out = str(tmp_path / "s")
+    assert main(["--checkpoint", ckpt, "--budget-ratio", "0.3", "--out", out, "--no-refine",
+                 "--no-compare-uniform", *FAST]) == 0
+    assert os.path.isfile(os.path.join(out, "model_fixed.pt"))
+    assert not os.path.exists(os.path.join(out, "model.onnx"))
+    said = capsys.readouterr()
+    assert 'pip install -e ".[onnx]"' in said.out + said.err
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["onnx_model"] is None
