@@ -13,7 +13,8 @@ from mpq.trainer import Trainer, TrainingInterrupted
 
 
 def config(tmp_path, name, *extra):
-    # every stateful feature on: distillation, IDM, bit-width scheduler (updates every 2 steps),
+    # every stateful feature on: distillation, IDM, bit-width scheduler (the reference timing: its 54
+    # updates merge into the 12 steps),
     # Quant-Noise (global RNG), AQT (calibrates at step 5), SGD momentum, warm-up + cosine LR
     return load_config(None, [
         "data.train_subset=192", "data.val_subset=64", "data.batch_size=32", "data.eval_batch_size=64",
@@ -95,3 +96,39 @@ def test_sigterm_writes_a_checkpoint_then_stops(tmp_path):
     assert main(args + overrides) == 0
     assert safe_load(str(tmp_path / "sig" / "supernet.pt"))["train_state"]["global_step"] == 12
     assert main(args + overrides) == 0
+
+
+def test_paper_recipe_resume_is_bit_identical(tmp_path):
+    """configs/recipe_paper.yaml adds state of its own: the step sizes' Adam, the model EMA, the
+    frozen activation lists (freeze_acts), the QE-loss ramp; a crash and resume ends identical."""
+    import os
+    recipe = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                          "recipe_paper.yaml")
+
+    def cfg(name, *extra):
+        return load_config(recipe, [
+            "data.train_subset=192", "data.val_subset=64", "data.batch_size=32", "data.eval_batch_size=64",
+            "train.epochs=2", "train.warmup_epochs=0.5", "output.checkpoint_every=4", "train.qe_start=0.3",
+            f"output.dir={tmp_path}", f"output.name={name}", "output.progress=false",
+            "scheduler.freeze_acts=true", "eval.bn_recalib_batches=1", "eval.random_configs=0",
+            "eval.uniform_bits=[3]", *extra])
+
+    ref = Trainer(cfg("ref"))
+    ref_metrics = ref.fit()
+    tr = Trainer(cfg("crashy"), step_callback=crash_at(7))
+    with pytest.raises(Crash):
+        tr.fit()
+    resumed = Trainer(cfg("crashy", "train.resume=auto"))
+    metrics = resumed.fit()
+    assert_identical(final_state(resumed), final_state(ref))
+    for k, v in ref.ema.state_dict().items():
+        assert torch.equal(v, resumed.ema.state_dict()[k]), k
+    so_ref, so_res = ref.step_opt.state_dict()["state"], resumed.step_opt.state_dict()["state"]
+    assert so_ref.keys() == so_res.keys() and so_ref
+    for pid in so_ref:
+        for k, v in so_ref[pid].items():
+            assert torch.equal(v, so_res[pid][k]), (pid, k)
+    assert metrics["acc"] == ref_metrics["acc"]
+    assert resumed.bit_sched.frozen_acts() == ref.bit_sched.frozen_acts()
+    log = (tmp_path / "crashy" / "scheduler.jsonl").read_text().splitlines()
+    assert log == (tmp_path / "ref" / "scheduler.jsonl").read_text().splitlines()
