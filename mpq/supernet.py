@@ -104,6 +104,9 @@ def quantize_model(model: nn.Module, w_bits: Sequence[int] = (2, 3, 4, 5, 6),
         else:
             raise ValueError(f"keep_8bit: {k!r} is neither 'first', 'last' nor a quantizable layer; "
                              f"layers: {names}")
+    if first_input_bits != PINNED_BITS and names[0] not in pinned:
+        raise ValueError(f"first_input_bits: {first_input_bits} needs the first layer pinned "
+                         f"(keep_8bit with 'first' or {names[0]!r})")
     for name, layer in layers:
         if name in pinned:
             wb = (PINNED_BITS,)

@@ -522,6 +522,8 @@ class Trainer:
         """Write the checkpoint (rank 0): ``ckpt-stepNNNNNNNN.pt``, then ``supernet.pt`` -> it;
         keeps the last ``output.keep_last`` step-numbered ones."""
         average_buffers(self.net, self.env)
+        if self.ema is not None:
+            average_buffers(self.ema.module, self.env)
         if not self.env.is_main:
             return None
         path = ckpt_io.save_rotating(self.state_dict(), self.run_dir, self.global_step,

@@ -345,6 +345,9 @@ def fixed_model(net: nn.Module, config: Optional[Mapping[str, Sequence[int]]] = 
     for name, m in list(model.named_modules()):
         if isinstance(m, SwitchableBatchNorm2d):
             _set_submodule(model, name, m.current())
+    p = next(net.parameters(), None)
+    if p is not None:
+        model.to(p.device)   # the fixed layers were built on the CPU
     model.eval()
     model.mpq_fixed_config = {n: (int(e["w_bits"]), int(e["a_bits"])) for n, e in arrays.items()}
     return model
