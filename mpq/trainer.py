@@ -159,7 +159,7 @@ def spec_of(cfg: Dict[str, Any], num_classes: int, in_channels: int, input_size)
                       "in_channels": int(in_channels), "width": cfg["model"]["width"]},
             "quant": quant,
             "input_size": [int(v) for v in input_size],
-            "bn_recalibrate": bool(q["bn"] == "shared" or cfg["eval"]["recalibrate_switchable"])}
+            "bn_recalibrate": needs_bn_recalibration(cfg)}
 
 
 def needs_bn_recalibration(cfg: Dict[str, Any]) -> bool:

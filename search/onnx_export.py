@@ -266,7 +266,7 @@ def _emit_function(b: _Builder, node: fx.Node, args: List[Any], kwargs: Dict[str
     if t in (F.dropout, F.dropout2d):
         return args[0]
     if t in (torch.flatten,) or t == "flatten":
-        start = args[1] if len(args) > 1 else kwargs.get("start_dim", 0 if t is torch.flatten else 0)
+        start = args[1] if len(args) > 1 else kwargs.get("start_dim", 0)
         end = args[2] if len(args) > 2 else kwargs.get("end_dim", -1)
         if start != 1 or end != -1:
             raise ValueError(f"ONNX export: {base}: flatten({start}, {end}) is not supported (only 1, -1)")
@@ -409,14 +409,6 @@ def to_onnx(model_or_payload, path: str, input_shape: Optional[Sequence[int]] = 
             json.dump(encodings, f, indent=1)
         os.replace(tmp, encodings_path)
     return {"path": path, "bytes": os.path.getsize(path), "encodings": encodings_path}
-
-
-def float_onnx(model: nn.Module, path: str, input_shape: Sequence[int]) -> int:
-    """Write a float ONNX model of ``model`` (the reference for size and speed); returns its bytes."""
-    x = torch.zeros((1,) + tuple(int(v) for v in input_shape))
-    torch.onnx.export(model.cpu().eval(), (x,), path, input_names=["input"], output_names=["logits"],
-                      opset_version=OPSET, dynamo=True, external_data=False)
-    return os.path.getsize(path)
 
 
 def onnx_available() -> bool:
