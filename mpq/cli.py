@@ -21,9 +21,11 @@ examples:
   torchrun --nproc_per_node 8 train.py --config configs/imagenet_resnet18.yaml data.root=/data/imagenet
   python train.py --config configs/recipe_paper.yaml     # the paper's training recipe on the embedded default
   python train.py --config ... --resume                  # continue from the newest valid checkpoint
+  python train.py output.name=quick --overwrite          # replace the earlier run in runs/quick
 
 Results go to <output.dir>/<output.name>/: config.yaml, supernet.pt (latest checkpoint),
-ckpt-stepN.pt, metrics.jsonl, scheduler.jsonl (one line per freezing update), tb/ (TensorBoard).
+ckpt-stepN.pt, metrics.jsonl, scheduler.jsonl (one line per freezing update), train.log (what was
+printed), tb/ (TensorBoard). One job per run folder: a second one exits 2 while the first runs.
 """
 
 
@@ -40,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "order (e.g. --config configs/imagenet_resnet50.yaml --config configs/recipe_paper.yaml)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest valid checkpoint of the run (same as train.resume=auto)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run folder that holds an earlier run, deleting its checkpoints, "
+                        "metrics and logs (without it such a run exits 2 and touches nothing)")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config and exit without training")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
@@ -73,7 +78,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
         from .trainer import Trainer, TrainingInterrupted
         try:
-            Trainer(cfg).fit()
+            Trainer(cfg, overwrite=args.overwrite).fit()
         except TrainingInterrupted as e:
             print(f"interrupted (signal {e.signum}); checkpoint written: {e.path}" if e.path
                   else f"interrupted (signal {e.signum})", file=sys.stderr)

@@ -49,6 +49,7 @@ from .distributed import (DistEnv, ResumableDistributedSampler, all_reduce_gradi
                           all_reduce_sum, any_rank, average_buffers, barrier, broadcast_module, cleanup,
                           init_distributed, shard)
 from .errors import UserError
+from .rundir import RunFolder
 from .models import build_model
 from .supernet import (calibrate_activations, get_bits, is_pinned, max_config, min_config, quant_layers,
                        quantize_model, random_config, set_bits, uniform_config, unwrap)
@@ -69,6 +70,18 @@ class TrainingInterrupted(Exception):
 
 
 # ----------------------------------------------------------------------------- helpers
+def previous_run_files(run_dir: str) -> List[str]:
+    """The files an earlier training run left in ``run_dir`` (checkpoints, metrics, scheduler log,
+    TensorBoard events): a fresh run must not mix with them, nor delete them unasked."""
+    import glob
+    found = sorted(ckpt_io.step_checkpoints(run_dir).values())
+    for name in (ckpt_io.LATEST, "metrics.jsonl", SCHEDULER_LOG):
+        if os.path.isfile(os.path.join(run_dir, name)):
+            found.append(os.path.join(run_dir, name))
+    found += sorted(glob.glob(os.path.join(glob.escape(run_dir), "tb", "events.out.tfevents.*")))
+    return found
+
+
 def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
     """Linear warm-up to ``lr`` over ``warmup`` steps, then cosine decay to ``min_lr`` at ``total``."""
     if warmup > 0 and step < warmup:
@@ -180,7 +193,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: Dict[str, Any], step_callback: Optional[Callable[["Trainer", int], None]] = None,
-                 env: Optional[DistEnv] = None) -> None:
+                 env: Optional[DistEnv] = None, overwrite: bool = False) -> None:
         self.cfg = cfg
         self.step_callback = step_callback
         t, o = cfg["train"], cfg["output"]
@@ -192,14 +205,45 @@ class Trainer:
         self.metrics: Dict[str, Any] = {}
         self.last_checkpoint: Optional[str] = None
         self._resume_ckpt: Optional[Dict[str, Any]] = None
+        self.overwrite = overwrite
+        # one job per run folder (rank 0 holds the lock for the whole job)
+        self.folder = RunFolder(self.run_dir, "train.py", log_name="train.log", what="output.dir",
+                                enabled=self.env.is_main)
         try:
             if t["resume"] not in (False, "auto"):  # refuse a bad checkpoint before loading any data
                 self._resume_ckpt = ckpt_io.safe_load(t["resume"], "train.resume")
                 ckpt_io.check_format(self._resume_ckpt, t["resume"])
+            self._claim_run_dir()
             self._setup()
-        except BaseException:
+        except BaseException as e:
+            self.folder.close(e)
             cleanup(self.env)
             raise
+
+    def _claim_run_dir(self) -> None:
+        """Before any data is loaded: the run folder is writable and not in use (lock), and a fresh
+        run does not replace an earlier one unless ``overwrite`` (rank 0 decides, every rank follows)."""
+        err: Optional[UserError] = None
+        if self.env.is_main:
+            try:
+                self.folder.open()
+                self.folder.start_log()
+                earlier = previous_run_files(self.run_dir)
+                if earlier and self.cfg["train"]["resume"] is False:
+                    if not self.overwrite:
+                        raise UserError(
+                            f"{self.run_dir} holds an earlier run ({len(earlier)} checkpoint/log "
+                            f"file(s)); pass --resume to continue it or --overwrite to replace it "
+                            f"(or choose another output.name)")
+                    for p in earlier + [os.path.join(self.run_dir, "train.log")]:
+                        if os.path.isfile(p):
+                            os.unlink(p)
+                    print(f"note: --overwrite: removed {len(earlier)} checkpoint/log file(s) of the "
+                          f"earlier run in {self.run_dir}", flush=True)
+            except UserError as e:
+                err = e
+        if any_rank(err is not None, self.env):
+            raise err or UserError(f"{self.run_dir}: rank 0 refused the run folder")
 
     # ------------------------------------------------------------------ set-up
     def _setup(self) -> None:
@@ -335,8 +379,16 @@ class Trainer:
                                                 float_warmup=a["float_warmup"],
                                                 per_channel=a["per_channel"])
 
-        # evaluation configs (fixed for the whole run)
+        # evaluation configs (fixed for the whole run), and how their accuracies are measured: the
+        # search measures the same configs its own way (see search.py's config.json "measured")
         self.eval_configs = self._make_eval_configs()
+        recal = needs_bn_recalibration(cfg) and cfg["eval"]["bn_recalib_batches"] > 0
+        self.measured = {
+            "model": "EMA supernet" if self.ema is not None else "supernet",
+            "bn": (f"re-calibrated per config on {cfg['eval']['bn_recalib_batches']} batches of "
+                   f"{self.rank_batch} training images (fixed, data.seed {d['seed']})" if recal
+                   else "running statistics from training (switchable BN)"),
+            "eval": f"{len(self.info.val)} held-out samples (val split)"}
 
         # counters
         self.epoch = 0
@@ -344,6 +396,8 @@ class Trainer:
         self.global_step = 0
         self.epoch_loader_state = self.loader_gen.get_state()
         self.history: List[Dict[str, Any]] = []
+        self.epoch_loss_sums: Dict[str, float] = {}   # this epoch's summed step losses (this rank)
+        self.epoch_loss_steps = 0.0
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
@@ -396,6 +450,7 @@ class Trainer:
                 "r2": self.r2.state_dict() if self.r2 is not None else None,
                 "aqt": self.aqt.state_dict() if self.aqt is not None else None,
                 "history": self.history,
+                "epoch_loss": getattr(self, "_epoch_loss_total", None),
             },
         }
 
@@ -435,6 +490,12 @@ class Trainer:
             self.epoch, self.step_in_epoch = int(ts["epoch"]), int(ts["step_in_epoch"])
             self.global_step = int(ts["global_step"])
             self.history = list(ts.get("history", []))
+            loss_so_far = ts.get("epoch_loss") if self.env.is_main else None  # summed over ranks
+            self.epoch_loss_sums = {str(k): float(v) for k, v in (loss_so_far or {}).get("sums", {}).items()}
+            self.epoch_loss_steps = float((loss_so_far or {}).get("steps", 0.0))
+            if self.step_in_epoch and loss_so_far is None and self.env.is_main:
+                self._log("note: this checkpoint predates the saved epoch loss; the resumed epoch's "
+                          "train_loss covers only the steps after the resume")
             self.metrics = dict(ckpt.get("metrics") or {})
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise UserError(f"checkpoint: {path!r} cannot be resumed with this config: "
@@ -454,6 +515,15 @@ class Trainer:
         if mode == "auto":
             found = ckpt_io.find_latest(self.run_dir, log=self._log)
             if found is None:
+                earlier = previous_run_files(self.run_dir)
+                if earlier and not self.overwrite:
+                    raise UserError(f"train.resume: no valid checkpoint in {self.run_dir}, which holds "
+                                    f"{len(earlier)} file(s) of an earlier run; pass --overwrite to "
+                                    f"start afresh and replace them")
+                if earlier:  # --overwrite
+                    for p in earlier:
+                        os.unlink(p)
+                    self._log(f"note: --overwrite: removed {len(earlier)} file(s) of the earlier run")
                 self._log(f"resume: no valid checkpoint in {self.run_dir}; starting from scratch")
                 return None
             path, ckpt = found
@@ -475,44 +545,14 @@ class Trainer:
     def _open_outputs(self) -> None:
         if not self.env.is_main:
             return
-        try:
-            os.makedirs(self.run_dir, exist_ok=True)
-            probe = os.path.join(self.run_dir, ".write-test")
-            with open(probe, "w"):
-                pass
-            os.unlink(probe)
-        except OSError as e:
-            raise UserError(f"output.dir: cannot write the run folder {self.run_dir!r} "
-                            f"({e.strerror or type(e).__name__})") from None
-        if self.global_step == 0:
-            self._clear_previous_run()
-        else:
+        self.folder.keep_log()  # inputs are valid: from here on the job writes into its folder
+        if self.global_step > 0:
             self._trim_scheduler_log()
         with open(os.path.join(self.run_dir, "config.yaml"), "w", encoding="utf-8") as f:
             f.write(dump_config(self.cfg))
         from torch.utils.tensorboard import SummaryWriter
         self.writer = SummaryWriter(os.path.join(self.run_dir, "tb"),
                                     purge_step=self.global_step if self.global_step else None)
-
-    def _clear_previous_run(self) -> None:
-        """A fresh (not resumed) run in a folder that holds an earlier run: remove the earlier
-        checkpoints, metrics and TensorBoard events, so they cannot be mistaken for this run's (or be
-        kept by the checkpoint rotation in place of this run's)."""
-        import glob
-        old = sorted(ckpt_io.step_checkpoints(self.run_dir).values())
-        for name in (ckpt_io.LATEST, "metrics.jsonl", SCHEDULER_LOG):
-            if os.path.isfile(os.path.join(self.run_dir, name)):
-                old.append(os.path.join(self.run_dir, name))
-        old += glob.glob(os.path.join(glob.escape(self.run_dir), "tb", "events.out.tfevents.*"))
-        if not old:
-            return
-        self._log(f"note: {self.run_dir} holds an earlier run; starting afresh and removing its "
-                  f"{len(old)} checkpoint/log file(s) (use --resume to continue a run instead)")
-        for p in old:
-            try:
-                os.unlink(p)
-            except OSError:
-                pass
 
     def _scalar(self, tag: str, value: float, step: Optional[int] = None) -> None:
         if self.writer is not None:
@@ -524,10 +564,19 @@ class Trainer:
         average_buffers(self.net, self.env)
         if self.ema is not None:
             average_buffers(self.ema.module, self.env)
+        kinds = sorted(self.epoch_loss_sums)  # the epoch's loss so far, summed over ranks
+        sums = all_reduce_sum([self.epoch_loss_sums[k] for k in kinds] + [self.epoch_loss_steps], self.env)
+        self._epoch_loss_total = {"sums": dict(zip(kinds, sums[:-1])), "steps": sums[-1]}
         if not self.env.is_main:
             return None
-        path = ckpt_io.save_rotating(self.state_dict(), self.run_dir, self.global_step,
-                                     self.cfg["output"]["keep_last"])
+        try:
+            path = ckpt_io.save_rotating(self.state_dict(), self.run_dir, self.global_step,
+                                         self.cfg["output"]["keep_last"])
+        except OSError as e:  # a full disk, a quota, a vanished mount: the previous checkpoint is intact
+            prev = self.last_checkpoint or "none yet"
+            raise UserError(f"output.dir: writing the step-{self.global_step} checkpoint into "
+                            f"{self.run_dir!r} failed ({e.strerror or e}); the previous "
+                            f"checkpoint ({prev}) is intact: free space, then continue with --resume") from None
         self.last_checkpoint = path
         return path
 
@@ -710,9 +759,14 @@ class Trainer:
 
     def fit(self) -> Dict[str, Any]:
         """Train to the end (or resume and finish); returns the last evaluation's metrics."""
+        error: Optional[BaseException] = None
         try:
             return self._fit()
+        except BaseException as e:
+            error = e
+            raise
         finally:
+            self.folder.close(error)
             if self.writer is not None:
                 self.writer.close()
                 self.writer = None
@@ -768,8 +822,9 @@ class Trainer:
             from tqdm import tqdm
             bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, leave=False,
                        desc=f"epoch {epoch + 1}/{t['epochs']}", dynamic_ncols=True, file=sys.stderr)
-        ep_sums: Dict[str, float] = {}
-        ep_n = 0
+        if self.step_in_epoch == 0:
+            self.epoch_loss_sums, self.epoch_loss_steps = {}, 0.0
+        ep_sums = self.epoch_loss_sums  # kept in the checkpoint: a resumed epoch's loss covers all of it
         it = iter(self.train_loader) if remaining > 0 else iter(())
         try:
             for x, y in it:
@@ -794,7 +849,7 @@ class Trainer:
                         self._record_scheduler_update()
                 for k, v in losses.items():
                     ep_sums[k] = ep_sums.get(k, 0.0) + v
-                ep_n += 1
+                self.epoch_loss_steps += 1
                 if env.is_main and (self.global_step % o["log_every"] == 0 or self.global_step == 1):
                     for k, v in losses.items():
                         self._scalar(f"loss/{k}", v)
@@ -821,7 +876,7 @@ class Trainer:
         if self.step_in_epoch < self.steps_per_epoch and not last:
             return  # the loader ran dry early (should not happen with drop_last)
         kinds = sorted(ep_sums)
-        sums = all_reduce_sum([ep_sums[k] for k in kinds] + [float(ep_n)], env)  # mean over ranks
+        sums = all_reduce_sum([ep_sums[k] for k in kinds] + [self.epoch_loss_steps], env)  # mean over ranks
         train_loss = {k: v / max(sums[-1], 1) for k, v in zip(kinds, sums[:-1])}
         due = ((epoch + 1) % cfg["eval"]["every_epochs"] == 0) or last
         if due:
@@ -829,6 +884,7 @@ class Trainer:
             self._record(epoch, train_loss, results, time.time() - t0)
         self.epoch += 1
         self.step_in_epoch = 0
+        self.epoch_loss_sums, self.epoch_loss_steps = {}, 0.0
         self.epoch_loader_state = self.loader_gen.get_state()
         self.save_checkpoint()
 
@@ -873,7 +929,8 @@ class Trainer:
                  "train_loss": {k: round(v, 5) for k, v in train_loss.items()},
                  "acc": {k: round(v["acc"], 3) for k, v in results.items()},
                  "val_loss": {k: round(v["loss"], 5) for k, v in results.items()},
-                 "num_frozen": sum(len(v) for v in frozen.values()), "frozen": frozen}
+                 "num_frozen": sum(len(v) for v in frozen.values()), "frozen": frozen,
+                 "acc_measured": self.measured}
         self.metrics = entry
         self.history.append({"epoch": entry["epoch"], "step": entry["step"], "acc": entry["acc"]})
         if not self.env.is_main:

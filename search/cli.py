@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from mpq.errors import UserError
+from mpq.rundir import RunFolder
 
 from .budget import ACCEPTED, Budget, format_bitops, format_bytes, parse_budget, parse_budget_list
 from .greedy import DEFAULT_REFINE_ITERS, DEFAULT_REFINE_TOP_K
@@ -243,7 +244,10 @@ def _init_distributed(device_arg: Optional[str]):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device_arg:
-        device = torch.device(device_arg)
+        try:
+            device = torch.device(device_arg)
+        except (RuntimeError, ValueError):
+            raise UserError(f"--device: {device_arg!r} is not a device; use cpu, cuda or cuda:N") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UserError(f"--device: {device_arg!r} requested but CUDA is not available")
     elif torch.cuda.is_available():
@@ -394,16 +398,34 @@ def run(args) -> int:
         raise UserError("--eval-size, --refine-steps, --refresh, --workers, --margin and --refine-margin "
                         "must not be negative")
 
+    out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "search")
     device, dist_here = _init_distributed(args.device)
+    folder = None
     try:
         rank, world = dist_info()
         main = rank == 0
         show = main and not args.quiet
         t_start = time.time()
-
         if not os.path.isfile(args.checkpoint):
             hint = " (train one first: python train.py)" if args.checkpoint == DEFAULT_CHECKPOINT else ""
             raise UserError(f"checkpoint: no such file {args.checkpoint!r}{hint}")
+        # the output folder: writable and not in use, before anything is loaded (rank 0 holds it)
+        folder = RunFolder(out_dir, "search.py", log_name="search.log", what="--out", enabled=main)
+        refused: Optional[UserError] = None
+        try:
+            folder.open()
+        except UserError as e:
+            refused = e
+        if world > 1:
+            flag = torch.tensor([float(refused is not None)])
+            torch.distributed.all_reduce(flag.to(device), op=torch.distributed.ReduceOp.MAX)
+            if refused is None and float(flag) > 0:
+                refused = UserError(f"--out: rank 0 refused {out_dir!r}")
+        if refused is not None:
+            folder = None  # nothing of this job's is in the folder: leave it as it is
+            raise refused
+        folder.start_log()
+
         try:
             net, ckpt = load_supernet(args.checkpoint)
         except UserError:
@@ -454,6 +476,12 @@ def run(args) -> int:
                 raise UserError(f"budget {t.label!r} = {format_bytes(t.max_size)} is below the minimum "
                                 f"achievable size {format_bytes(min_size)} ({min_size:.0f} bytes; every "
                                 f"layer at its lowest weight bit-width)")
+            max_bitops, max_size = cost.bitops(cmax), cost.size_bytes(cmax)
+            if ((t.max_bitops is None or t.max_bitops >= max_bitops)
+                    and (t.max_size is None or t.max_size >= max_size)):
+                _log(f"warning: budget {t.label!r} is at or above the largest configuration's cost "
+                     f"({format_bitops(max_bitops)} BitOPs, {format_bytes(max_size)}); the largest "
+                     f"configuration is returned", main)
 
         # data: calibration from training images left out of training or from the held-out split,
         # final evaluation on the held-out split, BN batches from the training data (split_data).
@@ -563,7 +591,6 @@ def run(args) -> int:
             picked[key] = pick_config(result.path, uniform, fit, evaluator, args.select, args.margin, refine)
             return picked[key]
 
-        out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "search")
         from mpq.data import preprocess_of
         preprocess = preprocess_of(data["name"], input_size[-1])
         onnx_wanted = bool(args.export and args.onnx)
@@ -573,7 +600,7 @@ def run(args) -> int:
                 _log(f"note: no model.onnx: {INSTALL_HINT}", main)
                 onnx_wanted = False
         if main:
-            os.makedirs(out_dir, exist_ok=True)
+            folder.keep_log()  # inputs are valid: from here on the job writes into --out
         eval_bar = tqdm(total=len(targets) * 2, desc="final evaluation", unit="eval", disable=not show,
                         dynamic_ncols=True)
         results = []
@@ -664,6 +691,19 @@ def run(args) -> int:
             "onnx_model": first.get("onnx_model"), "onnx_model_bytes": first.get("onnx_model_bytes"),
             "onnx_accuracy": first.get("onnx_accuracy"), "encodings": first.get("encodings"),
             "preprocess": preprocess,
+            # how each figure was measured: training's metrics.jsonl measures the same configs with
+            # its own BN batches ("acc_measured" there), so the two can differ by a little
+            "measured": {
+                "accuracy": f"exported fixed model (integer weights, BN folded) on {len(eval_idx)} "
+                            f"held-out samples (val split)",
+                "supernet_accuracy": f"supernet, BN " + (
+                    f"re-calibrated per config on {args.bn_batches} batches of {args.batch_size} "
+                    f"training images (search seed {seed})" if evaluator.recalibrate else
+                    "running statistics from training (switchable BN)")
+                    + f", on the same {len(eval_idx)} held-out samples",
+                "calib_accuracy": f"supernet on the {len(calib_idx)} calibration samples "
+                                  f"({split.calib_split} split) that guided the search",
+                "onnx_accuracy": "model.onnx in onnxruntime on the held-out samples"},
             "data": {"name": data["name"], "root": data.get("root"), "seed": seed,
                      "calib_split": split.calib_split, "eval_split": "val",
                      "calib_samples": len(calib_idx),
@@ -717,7 +757,14 @@ def run(args) -> int:
         if world > 1:
             torch.distributed.barrier()
         return 0
+    except BaseException as e:
+        if folder is not None:
+            folder.close(e)
+            folder = None
+        raise
     finally:
+        if folder is not None:
+            folder.close()
         if dist_here and torch_dist_initialized():
             import torch
             torch.distributed.destroy_process_group()

@@ -66,6 +66,8 @@ def test_interrupt_and_resume_is_bit_identical(tmp_path, crash_step):
     assert resumed.global_step == 12
     assert_identical(final_state(resumed), expected)
     assert metrics["acc"] == ref_metrics["acc"]
+    # the resumed epoch's loss covers the whole epoch (its partial sums travel in the checkpoint)
+    assert metrics["train_loss"] == ref_metrics["train_loss"]
     assert [f for f in resumed.bit_sched.frozen()] == [f for f in ref.bit_sched.frozen()]
     lines = (tmp_path / "crashy" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2  # one entry per epoch, none repeated

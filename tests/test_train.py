@@ -8,6 +8,7 @@ import torch
 
 import mpq
 from mpq.checkpoint import load_supernet
+from mpq.errors import UserError
 from mpq.config import load_config
 from mpq.supernet import quant_layers
 from mpq.trainer import Trainer, lr_at
@@ -188,12 +189,24 @@ def test_activation_calibration_matches_the_training_forward(tmp_path):
         assert clipped < 0.2, (name, clipped)
 
 
-def test_a_fresh_run_replaces_an_earlier_run_in_the_same_folder(tmp_path):
+def _snapshot(folder):
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(folder) for f in files}
+
+
+def test_a_fresh_run_refuses_an_earlier_run_and_replaces_it_only_with_overwrite(tmp_path):
     Trainer(tiny_config(tmp_path, "train.epochs=2", "output.checkpoint_every=0")).fit()
     run = tmp_path / "tiny"
     assert (run / "ckpt-step00000016.pt").exists()
-    Trainer(tiny_config(tmp_path, "train.max_steps=3", "output.checkpoint_every=0")).fit()
+    assert (run / "train.log").read_text().count("epoch 2/2") == 1   # what was printed
+    assert not (run / ".mpq.lock").exists()                            # released at the end
+    before = _snapshot(run)
+    with pytest.raises(UserError, match="earlier run.*--resume.*--overwrite"):
+        Trainer(tiny_config(tmp_path, "train.max_steps=3", "output.checkpoint_every=0"))
+    assert _snapshot(run) == before                                    # nothing written or deleted
+    Trainer(tiny_config(tmp_path, "train.max_steps=3", "output.checkpoint_every=0"), overwrite=True).fit()
     assert sorted(f for f in os.listdir(run) if f.startswith("ckpt-step")) == ["ckpt-step00000003.pt"]
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
     assert len(os.listdir(run / "tb")) == 1
+    assert "epoch 2/2" not in (run / "train.log").read_text()
     assert load_supernet(str(run / "supernet.pt"))[1]["train_state"]["global_step"] == 3
