@@ -353,3 +353,23 @@ def test_without_the_onnx_extra_the_torch_export_still_works(ckpt, tmp_path, mon
     assert 'pip install -e ".[onnx]"' in said.out + said.err
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["onnx_model"] is None
+
+
+def test_budget_above_the_largest_config_warns_and_returns_it(ckpt, tmp_path, capsys):
+    net, _ = load_supernet(ckpt)
+    cost = CostModel(net, (1, 1, 28, 28))
+    top = cost.bitops(mpq.max_config(net))
+    out = str(tmp_path / "s")
+    rc = main(["--checkpoint", ckpt, "--budget", f"{10 * top:.6g}", "--out", out, "--no-onnx",
+               "--no-compare-uniform", *FAST])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    warns = [line for line in printed.splitlines() if line.startswith("warning: budget")]
+    assert len(warns) == 1 and "largest configuration is returned" in warns[0]
+    with open(os.path.join(out, "config.json")) as f:
+        doc = json.load(f)
+    assert doc["bitops"] == top
+    assert {"accuracy", "supernet_accuracy", "calib_accuracy"} <= set(doc["measured"])
+    assert "exported" in doc["measured"]["accuracy"] and "BN" in doc["measured"]["supernet_accuracy"]
+    log = open(os.path.join(out, "search.log")).read()
+    assert warns[0] in log and not os.path.exists(os.path.join(out, ".mpq.lock"))

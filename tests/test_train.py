@@ -139,6 +139,8 @@ def test_end_to_end_run_folder(tmp_path):
     for key in ("max", "min", "w2a2", "w4a4", "random0"):
         assert 0.0 <= lines[-1]["acc"][key] <= 100.0
     assert "frozen" in lines[-1] and "num_frozen" in lines[-1]
+    measured = lines[-1]["acc_measured"]   # each figure says how it was measured
+    assert "re-calibrated" in measured["bn"] and measured["eval"].endswith("held-out samples (val split)")
     assert lines[-1]["acc"]["max"] > 25.0  # 16 steps on 256 images: well above chance (10%)
     assert metrics == lines[-1]
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(run / "tb"))
