@@ -88,6 +88,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             msg = " ".join(str(e).split())
             print(f"error: {msg}", file=sys.stderr)
         return 2
+    except OSError as e:  # the environment (a full disk, a vanished mount), not a bug: one line
+        if os.environ.get("RANK", "0") in ("", "0"):
+            print(f"error: {e.filename or 'I/O'}: {e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

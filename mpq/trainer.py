@@ -48,14 +48,12 @@ from .data import build_datasets
 from .distributed import (DistEnv, ResumableDistributedSampler, all_reduce_gradients, all_reduce_max,
                           all_reduce_sum, any_rank, average_buffers, barrier, broadcast_module, cleanup,
                           init_distributed, shard)
+from .batchnorm import recalibrate_bn
 from .errors import UserError
 from .rundir import RunFolder
 from .models import build_model
 from .supernet import (calibrate_activations, get_bits, is_pinned, max_config, min_config, quant_layers,
-                       quantize_model, random_config, set_bits, uniform_config, unwrap)
-
-# One definition of BN re-calibration for training-time and search-time accuracies.
-from search.evaluator import recalibrate_bn  # noqa: E402
+                       quantize_model, random_config, set_bits, uniform_config)
 
 
 SCHEDULER_LOG = "scheduler.jsonl"

@@ -696,7 +696,7 @@ def run(args) -> int:
             "measured": {
                 "accuracy": f"exported fixed model (integer weights, BN folded) on {len(eval_idx)} "
                             f"held-out samples (val split)",
-                "supernet_accuracy": f"supernet, BN " + (
+                "supernet_accuracy": "supernet, BN " + (
                     f"re-calibrated per config on {args.bn_batches} batches of {args.batch_size} "
                     f"training images (search seed {seed})" if evaluator.recalibrate else
                     "running statistics from training (switchable BN)")
@@ -778,11 +778,23 @@ def torch_dist_initialized() -> bool:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``python search.py`` and ``mpq-search``; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+
+    def _arg_error(message: str) -> None:  # one line, like every other user error
+        print(f"error: {message} (see search.py --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+    parser.error = _arg_error  # type: ignore[method-assign]
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2, one line printed above)
+        return int(e.code or 0)
     try:
         return run(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the environment (a full disk, a vanished mount), not a bug: one line
+        print(f"error: {e.filename or 'I/O'}: {e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
