@@ -1,12 +1,15 @@
 """Switchable-precision layers: Conv2d / Linear whose weights and input activations are fake-quantized
-at a bit-width chosen at run time, over one shared set of float weights."""
+at a bit-width chosen at run time, over one shared set of float weights; switchable BatchNorm; and
+Swin window attention re-routed to call its projection layers (so they can be quantized)."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import math
+from typing import Dict, Optional, Sequence
 
 import torch
 from torch import nn
 import torch.nn.functional as F
+from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedWindowAttentionV2
 
 from .quantizer import FLOAT_BITS, LsqQuantizer
 
@@ -157,3 +160,144 @@ class SwitchableBatchNorm2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, configs={len(self.bns)}, active={self.active}"
+
+
+# ------------------------------------------------------------------ Swin window attention, re-routed
+class SwinWindowAttention(ShiftedWindowAttention):
+    """torchvision's (shifted) window attention with its ``qkv`` and ``proj`` layers *called as
+    modules*.
+
+    torchvision's forward hands ``self.qkv.weight`` / ``self.proj.weight`` to the functional
+    ``shifted_window_attention``, so replacing the two ``nn.Linear`` by :class:`QuantLinear` would
+    change nothing: their quantizers would never run, their forward hooks (the BitOPs counter)
+    would never fire, and a fixed layer without ``.weight`` would crash. This forward is that
+    function step for step (pad, cyclic shift, window partition, attention with the relative
+    position bias and shift mask, reverse), except the two projections are ``self.qkv(x)`` and
+    ``self.proj(x)``: whatever module sits there (Linear, QuantLinear, FixedLinear) runs. Same
+    parameters, buffers and state_dict keys as the torchvision module; same numbers for float layers.
+    """
+
+    @classmethod
+    def from_float(cls, attn: ShiftedWindowAttention) -> "SwinWindowAttention":
+        """The same module (parameters, buffers, children shared) with this class's forward."""
+        q = cls.__new__(cls)
+        q.__dict__.update(attn.__dict__)
+        return q
+
+    def _k_bias_mask(self, channels: int, like: torch.Tensor) -> Optional[torch.Tensor]:
+        """V1 attention adds the full qkv bias (no mask)."""
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _window_attention(self, x, self.get_relative_position_bias(), getattr(self, "logit_scale", None))
+
+
+class SwinWindowAttentionV2(SwinWindowAttention, ShiftedWindowAttentionV2):
+    """:class:`SwinWindowAttention` for Swin V2 (cosine attention, continuous position bias).
+
+    torchvision zeroes the key third of the qkv bias on every forward (Swin V2 has no key bias).
+    :meth:`from_float` zeroes it once in the weights (the forward never used it, so the output is
+    unchanged) and the forward subtracts it again after ``self.qkv(x)``, so its gradient is exactly
+    zero and it stays zero through training and export."""
+
+    @classmethod
+    def from_float(cls, attn: ShiftedWindowAttention) -> "SwinWindowAttentionV2":
+        q = super().from_float(attn)
+        if q.qkv.bias is not None:
+            with torch.no_grad():
+                n = q.qkv.bias.numel() // 3
+                q.qkv.bias[n:2 * n].zero_()
+        return q
+
+    def _k_bias_mask(self, channels: int, like: torch.Tensor) -> Optional[torch.Tensor]:
+        mask = torch.zeros(3 * channels, dtype=like.dtype, device=like.device)
+        mask[channels:2 * channels] = 1
+        return mask
+
+
+def _window_attention(m: SwinWindowAttention, x: torch.Tensor, relative_position_bias: torch.Tensor,
+                      logit_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """torchvision's ``shifted_window_attention`` (input ``[B, H, W, C]``) with ``m.qkv`` and
+    ``m.proj`` called as modules."""
+    window_size, num_heads = m.window_size, m.num_heads
+    B, H, W, C = x.shape
+    pad_r = (window_size[1] - W % window_size[1]) % window_size[1]
+    pad_b = (window_size[0] - H % window_size[0]) % window_size[0]
+    x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+    _, pad_H, pad_W, _ = x.shape
+    shift_size = list(m.shift_size)
+    # a window as large as the feature map needs no shift
+    if window_size[0] >= pad_H:
+        shift_size[0] = 0
+    if window_size[1] >= pad_W:
+        shift_size[1] = 0
+    if sum(shift_size) > 0:
+        x = torch.roll(x, shifts=(-shift_size[0], -shift_size[1]), dims=(1, 2))
+    num_windows = (pad_H // window_size[0]) * (pad_W // window_size[1])
+    x = x.view(B, pad_H // window_size[0], window_size[0], pad_W // window_size[1], window_size[1], C)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B * num_windows, window_size[0] * window_size[1], C)
+
+    qkv = m.qkv(x)
+    k_mask = m._k_bias_mask(C, qkv) if m.qkv.bias is not None else None
+    if k_mask is not None:
+        qkv = qkv - m.qkv.bias * k_mask
+    qkv = qkv.reshape(x.size(0), x.size(1), 3, num_heads, C // num_heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    if logit_scale is not None:
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = attn * torch.clamp(logit_scale, max=math.log(100.0)).exp()
+    else:
+        q = q * (C // num_heads) ** -0.5
+        attn = q.matmul(k.transpose(-2, -1))
+    attn = attn + relative_position_bias
+
+    if sum(shift_size) > 0:
+        attn_mask = x.new_zeros((pad_H, pad_W))
+        h_slices = ((0, -window_size[0]), (-window_size[0], -shift_size[0]), (-shift_size[0], None))
+        w_slices = ((0, -window_size[1]), (-window_size[1], -shift_size[1]), (-shift_size[1], None))
+        count = 0
+        for h in h_slices:
+            for w in w_slices:
+                attn_mask[h[0]:h[1], w[0]:w[1]] = count
+                count += 1
+        attn_mask = attn_mask.view(pad_H // window_size[0], window_size[0], pad_W // window_size[1], window_size[1])
+        attn_mask = attn_mask.permute(0, 2, 1, 3).reshape(num_windows, window_size[0] * window_size[1])
+        attn_mask = attn_mask.unsqueeze(1) - attn_mask.unsqueeze(2)
+        attn_mask = attn_mask.masked_fill(attn_mask != 0, float(-100.0)).masked_fill(attn_mask == 0, float(0.0))
+        attn = attn.view(x.size(0) // num_windows, num_windows, num_heads, x.size(1), x.size(1))
+        attn = attn + attn_mask.unsqueeze(1).unsqueeze(0)
+        attn = attn.view(-1, num_heads, x.size(1), x.size(1))
+
+    attn = F.softmax(attn, dim=-1)
+    attn = F.dropout(attn, p=m.attention_dropout, training=m.training)
+    x = attn.matmul(v).transpose(1, 2).reshape(x.size(0), x.size(1), C)
+    x = m.proj(x)
+    x = F.dropout(x, p=m.dropout, training=m.training)
+
+    x = x.view(B, pad_H // window_size[0], pad_W // window_size[1], window_size[0], window_size[1], C)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, pad_H, pad_W, C)
+    if sum(shift_size) > 0:
+        x = torch.roll(x, shifts=(shift_size[0], shift_size[1]), dims=(1, 2))
+    return x[:, :H, :W, :].contiguous()
+
+
+def reroute_functional_layers(model: nn.Module) -> Dict[str, str]:
+    """Replace, in place, the modules whose forward reads a child layer's ``.weight`` instead of
+    calling the layer, by equivalents that call it (today: torchvision's Swin window attention).
+
+    Run by :func:`mpq.quantize_model` before converting layers, and by the fixed-model loader on the
+    rebuilt float architecture. Returns ``{module_name: new class name}``."""
+    done: Dict[str, str] = {}
+    for name, m in list(model.named_modules()):
+        if isinstance(m, SwinWindowAttention):
+            continue
+        if isinstance(m, ShiftedWindowAttentionV2):
+            new: nn.Module = SwinWindowAttentionV2.from_float(m)
+        elif type(m) is ShiftedWindowAttention:
+            new = SwinWindowAttention.from_float(m)
+        else:
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+        done[name] = type(new).__name__
+    return done

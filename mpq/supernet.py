@@ -5,12 +5,16 @@ named as in ``model.named_modules()`` of the float model.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Iterator, Mapping, Optional, Sequence, Tuple, Union
+import functools
+import inspect
+import re
+from typing import Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from .layers import QUANT_LAYERS, QuantConv2d, QuantLinear, SwitchableBatchNorm2d, bn_key
+from .layers import (QUANT_LAYERS, QuantConv2d, QuantLinear, SwitchableBatchNorm2d, bn_key,
+                     reroute_functional_layers)
 from .quantizer import FLOAT_BITS, check_bits
 
 BitConfig = Dict[str, Tuple[int, int]]
@@ -39,17 +43,87 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def _convertible(model: nn.Module, prefix: str = "") -> Iterator[Tuple[str, nn.Module]]:
-    """Conv2d/Linear layers in registration order, skipping those inside nn.MultiheadAttention
-    (its fused kernel reads ``out_proj.weight`` directly, so a replaced forward would never run)."""
-    for name, child in model.named_children():
-        full = f"{prefix}.{name}" if prefix else name
-        if isinstance(child, nn.MultiheadAttention):
-            continue
-        if isinstance(child, (nn.Conv2d, nn.Linear)) and not isinstance(child, QUANT_LAYERS):
-            yield full, child
-        else:
-            yield from _convertible(child, full)
+# Statuses of :class:`LayerReport`.
+QUANTIZED = "quantized"
+PINNED = "pinned 8-bit"
+LEFT_FLOAT = "left float"
+
+
+class LayerReport(NamedTuple):
+    """What :func:`quantize_model` did with one weight layer.
+
+    Attributes:
+        name: the module name (as in ``model.named_modules()``).
+        kind: the float module's type name (``"Conv2d"``, ``"Linear"``, ``"MultiheadAttention"``
+            for its in-projection, ``"ConvTranspose2d"``, ...).
+        status: ``"quantized"`` (switchable bits), ``"pinned 8-bit"`` (quantized, fixed at 8/8) or
+            ``"left float"`` (not converted: it runs in float and costs no BitOPs).
+        reason: why it is pinned or left float (``""`` for a plainly quantized layer).
+    """
+    name: str
+    kind: str
+    status: str
+    reason: str
+
+
+_MHA_IN = "nn.MultiheadAttention's fused kernel reads in_proj_weight directly"
+_MHA_CHILD = "inside nn.MultiheadAttention: its fused kernel reads the weights directly"
+# Weight layers mpq does not convert (quantize_model handles Conv2d and Linear only).
+_OTHER_WEIGHT_LAYERS = (nn.modules.conv._ConvNd, nn.Bilinear)
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_source(cls: type) -> str:
+    try:
+        return inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return ""
+
+
+def _weight_read_by(ancestors: Sequence[Tuple[str, nn.Module]], name: str) -> Optional[str]:
+    """The type name of the first enclosing module whose ``forward`` reads the layer ``name``'s
+    weight as a tensor (``self.<path>.weight`` handed to a functional call, bypassing the layer's
+    own forward), or None. Reading only its ``dtype``/``device``/``shape`` is harmless."""
+    for anc_name, anc in ancestors:
+        rel = re.escape(name[len(anc_name) + 1:] if anc_name else name)
+        if re.search(rf"self\.{rel}\.weight\b(?!\.(dtype|device|shape|size|ndim))", _forward_source(type(anc))):
+            return type(anc).__name__
+    return None
+
+
+def _scan(model: nn.Module) -> Tuple[List[Tuple[str, nn.Module]], List[LayerReport]]:
+    """``(convertible, left_float)``: the Conv2d/Linear layers to convert, in registration order,
+    and the weight layers that stay float with the reason: those inside nn.MultiheadAttention,
+    those whose weight an enclosing module's forward reads directly (a replaced layer's forward
+    would never run) and unsupported types (Conv1d/3d, ConvTranspose, Bilinear)."""
+    convertible: List[Tuple[str, nn.Module]] = []
+    left: List[LayerReport] = []
+
+    def visit(module: nn.Module, prefix: str, ancestors: List[Tuple[str, nn.Module]]) -> None:
+        for name, child in module.named_children():
+            full = f"{prefix}.{name}" if prefix else name
+            if isinstance(child, QUANT_LAYERS):
+                continue
+            if isinstance(child, nn.MultiheadAttention):
+                left.append(LayerReport(full, type(child).__name__, LEFT_FLOAT, _MHA_IN))
+                left.extend(LayerReport(f"{full}.{n}", type(m).__name__, LEFT_FLOAT, _MHA_CHILD)
+                            for n, m in child.named_modules()
+                            if n and isinstance(m, (nn.Linear,) + _OTHER_WEIGHT_LAYERS))
+            elif isinstance(child, (nn.Conv2d, nn.Linear)):
+                reader = _weight_read_by(ancestors, full)
+                if reader is None:
+                    convertible.append((full, child))
+                else:
+                    left.append(LayerReport(full, type(child).__name__, LEFT_FLOAT,
+                                            f"{reader}.forward reads its .weight directly (bypasses the layer)"))
+            elif isinstance(child, _OTHER_WEIGHT_LAYERS):
+                left.append(LayerReport(full, type(child).__name__, LEFT_FLOAT,
+                                        f"{type(child).__name__} is not supported (Conv2d and Linear only)"))
+            else:
+                visit(child, full, ancestors + [(full, child)])
+
+    visit(model, "", [("", model)])
+    return convertible, left
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -80,7 +154,13 @@ def quantize_model(model: nn.Module, w_bits: Sequence[int] = (2, 3, 4, 5, 6),
             ``a_bits``; the paper's MobileNetV2 uses (3, 4, 5, 6)).
         first_input_bits: input bits of the pinned first layer: 8, or 32 to leave the image
             unquantized as the paper does (BitOPs still count that input at 8 bits).
-    Returns the same ``model`` object.
+    Returns the same ``model`` object. What happened to each weight layer (quantized, pinned 8-bit,
+    left float and why) is in :func:`quantization_report` (``model.mpq_report``).
+
+    Modules whose forward hands a child layer's ``.weight`` to a functional call (torchvision's
+    Swin window attention) are first replaced by equivalents that call the layer
+    (:func:`mpq.layers.reroute_functional_layers`), so their projections are quantized for real;
+    any other layer whose weight an enclosing forward reads directly is left float and reported.
     """
     w_bits = check_bits(w_bits, "w_bits")
     a_bits = check_bits(a_bits, "a_bits")
@@ -89,7 +169,8 @@ def quantize_model(model: nn.Module, w_bits: Sequence[int] = (2, 3, 4, 5, 6),
         raise ValueError(f"first_input_bits: must be {PINNED_BITS} or {FLOAT_BITS}, got {first_input_bits!r}")
     if bn not in ("shared", "switchable"):
         raise ValueError(f"bn: {bn!r} is not allowed; allowed: ['shared', 'switchable']")
-    layers = list(_convertible(model))
+    rerouted = reroute_functional_layers(model)
+    layers, left_float = _scan(model)
     if not layers:
         raise ValueError("quantize_model: the model has no Conv2d or Linear layer to quantize")
     names = [n for n, _ in layers]
@@ -120,11 +201,59 @@ def quantize_model(model: nn.Module, w_bits: Sequence[int] = (2, 3, 4, 5, 6),
                                                    w_init=w_init, grad_scale=grad_scale))
     if bn == "switchable":
         _make_switchable_bn(model)
+    model.mpq_report = _build_report(model, layers, left_float, pinned, rerouted, first_input_bits)
     model.mpq_spec = {"w_bits": list(w_bits), "a_bits": list(a_bits),
                       "pinned": sorted(pinned), "per_channel": per_channel, "bn": bn,
                       "depthwise_bits": None if dw_bits is None else list(dw_bits),
                       "first_input_bits": int(first_input_bits)}
     return model
+
+
+def _pinned_reason(name: str, names: Sequence[str], first_input_bits: int) -> str:
+    why = [w for w, hit in (("first layer", name == names[0]), ("last layer", name == names[-1])) if hit]
+    reason = " and ".join(why) or "named"
+    reason += " in keep_8bit"
+    if name == names[0] and first_input_bits == FLOAT_BITS:
+        reason += "; its input stays float (first_input_bits=32)"
+    return reason
+
+
+def _build_report(model: nn.Module, layers: Sequence[Tuple[str, nn.Module]],
+                  left_float: Sequence[LayerReport], pinned: Iterable[str], rerouted: Mapping[str, str],
+                  first_input_bits: int) -> List[LayerReport]:
+    """One :class:`LayerReport` per weight layer, in registration order."""
+    names = [n for n, _ in layers]
+    pinned = set(pinned)
+    rows = list(left_float)
+    for name, layer in layers:
+        parent = name.rpartition(".")[0]
+        if name in pinned:
+            status, reason = PINNED, _pinned_reason(name, names, first_input_bits)
+        elif parent in rerouted:
+            status, reason = QUANTIZED, f"called by {rerouted[parent]} (re-routed functional attention)"
+        else:
+            status, reason = QUANTIZED, ""
+        rows.append(LayerReport(name, type(layer).__name__, status, reason))
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    return sorted(rows, key=lambda r: order.get(r.name, len(order)))
+
+
+def quantization_report(model: nn.Module) -> List[LayerReport]:
+    """What :func:`quantize_model` did with each weight layer of ``model``, in registration order:
+    a list of :class:`LayerReport` ``(name, kind, status, reason)`` with status ``"quantized"``,
+    ``"pinned 8-bit"`` or ``"left float"``. Every layer reported quantized or pinned runs its weight
+    and input quantizers in the forward and is counted by the BitOPs model; a layer left float
+    runs in float and costs no BitOPs. Example (a torchvision ViT)::
+
+        [r for r in mpq.quantization_report(net) if r.status == "left float"]
+        # [LayerReport(name='encoder.layers.encoder_layer_0.self_attention', kind='MultiheadAttention',
+        #              status='left float', reason="nn.MultiheadAttention's fused kernel reads ..."), ...]
+    """
+    net = unwrap(model)
+    report = getattr(net, "mpq_report", None)
+    if report is None:
+        raise ValueError("quantization_report: the model was not converted by mpq.quantize_model")
+    return list(report)
 
 
 def bn_after_conv(model: nn.Module) -> Dict[str, str]:

@@ -636,8 +636,13 @@ def run(args) -> int:
                     fbytes = os.path.getsize(os.path.join(out_dir, fname))
                     if onnx_wanted:
                         from .onnx_export import write_onnx
-                        onnx_info = write_onnx(payload, out_dir, suffix, preprocess, eval_set,
-                                               args.batch_size)
+                        try:
+                            onnx_info = write_onnx(payload, out_dir, suffix, preprocess, eval_set,
+                                                   args.batch_size)
+                        except ValueError as e:  # an architecture the QDQ emitter does not cover
+                            _log(f"note: no model.onnx ({' '.join(str(e).split())}); "
+                                 f"{fname} is the exported model", main)
+                            onnx_wanted = False
             results.append({
                 "budget": t.as_dict(),
                 "layers": {n: {"w_bits": int(w), "a_bits": int(a)} for n, (w, a) in cfg.items()},

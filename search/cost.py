@@ -43,12 +43,18 @@ class BitOpsCounter:
         config = get_bits(self.model) if config is None else config
         return float(sum(self.macs[n] * config[n][0] * self._a(n, config[n][1]) for n in self.macs))
 
-    def layer_bitops(self, config: Mapping[str, Tuple[int, int]]) -> Dict[str, float]:
+    def layer_bitops(self, config: Optional[Mapping[str, Tuple[int, int]]] = None) -> Dict[str, float]:
+        """``{layer: BitOPs}`` of ``config`` (default: the active one)."""
+        config = get_bits(self.model) if config is None else config
         return {n: float(self.macs[n] * config[n][0] * self._a(n, config[n][1])) for n in self.macs}
 
 
 def measure_macs(model: nn.Module, input_size: Sequence[int]) -> Dict[str, int]:
-    """MACs per sample of every quantized layer, measured with forward hooks on a zero input."""
+    """MACs per sample of every quantized layer, measured with forward hooks on ONE zero sample of
+    ``input_size`` (its batch dimension is ignored). One sample, because a layer's leading
+    dimension is not always the batch: Swin's attention projections see ``(B * windows, tokens, C)``
+    and Swin V2's position-bias MLP runs once per forward whatever the batch; every token a Linear
+    layer sees is counted."""
     model = unwrap(model)
     layers = quant_layers(model)
     macs: Dict[str, int] = {n: 0 for n in layers}
@@ -57,10 +63,9 @@ def measure_macs(model: nn.Module, input_size: Sequence[int]) -> Dict[str, int]:
         def fn(mod, inputs, output):
             if isinstance(mod, QuantConv2d):
                 k = mod.kernel_size[0] * mod.kernel_size[1] * (mod.in_channels // mod.groups)
-                macs[name] += k * output[0].numel()  # output[0]: C_out * H_out * W_out of one sample
+                macs[name] += k * output.numel()  # C_out * H_out * W_out (of the one sample)
             elif isinstance(mod, QuantLinear):
-                tokens = output.numel() // (output.shape[0] * mod.out_features) if output.dim() > 1 else 1
-                macs[name] += mod.in_features * mod.out_features * tokens
+                macs[name] += mod.in_features * output.numel()   # in * out * tokens
         return fn
 
     handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
@@ -69,7 +74,7 @@ def measure_macs(model: nn.Module, input_size: Sequence[int]) -> Dict[str, int]:
     try:
         p = next(model.parameters())
         with torch.no_grad():
-            model(torch.zeros(tuple(input_size), device=p.device, dtype=p.dtype))
+            model(torch.zeros((1,) + tuple(input_size)[1:], device=p.device, dtype=p.dtype))
     finally:
         for h in handles:
             h.remove()

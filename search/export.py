@@ -46,7 +46,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from mpq.errors import UserError
-from mpq.layers import QuantConv2d, QuantLinear, SwitchableBatchNorm2d
+from mpq.layers import QuantConv2d, QuantLinear, SwitchableBatchNorm2d, reroute_functional_layers
 from mpq.quantizer import FLOAT_BITS, fake_quant, integer_codes
 from mpq.supernet import bn_after_conv, get_bits, quant_layers, set_bits, unwrap
 
@@ -430,6 +430,8 @@ def fixed_from_payload(payload: Mapping[str, Any], model: Optional[nn.Module] = 
         from mpq.models import build_model_from_spec
         m = spec["model"]
         model = build_model_from_spec(m)
+    # the float architecture's Swin attention reads .weight itself: make it call the fixed layers
+    reroute_functional_layers(model)
     for name, entry in payload["layers"].items():
         try:
             old = model.get_submodule(name)

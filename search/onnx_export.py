@@ -318,7 +318,10 @@ def build_onnx(model_or_payload, input_shape: Sequence[int], preprocess: Optiona
     if opset < OPSET:
         raise ValueError(f"to_onnx: opset must be >= {OPSET} (INT4 Q/DQ), got {opset}")
     model = _as_model(model_or_payload).cpu().eval()
-    graph = _Tracer().trace(model)
+    try:
+        graph = _Tracer().trace(model)
+    except fx.proxy.TraceError as e:   # shape-dependent control flow (e.g. Swin's window padding)
+        raise ValueError(f"ONNX export: the model cannot be traced with torch.fx: {e}") from None
     b = _Builder()
     encodings: Dict[str, Any] = {"version": "1.0.0", "activation_encodings": {}, "param_encodings": {},
                                  "quantizer_args": {"activation_bitwidth": "mixed", "param_bitwidth": "mixed",
