@@ -11,6 +11,7 @@ import sys
 from typing import List, Optional
 
 from .errors import UserError
+from .rundir import sigterm_exits
 
 USAGE_EXAMPLES = """\
 examples:
@@ -78,7 +79,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
         from .trainer import Trainer, TrainingInterrupted
         try:
-            Trainer(cfg, overwrite=args.overwrite).fit()
+            with sigterm_exits():
+                Trainer(cfg, overwrite=args.overwrite).fit()
         except TrainingInterrupted as e:
             print(f"interrupted (signal {e.signum}); checkpoint written: {e.path}" if e.path
                   else f"interrupted (signal {e.signum})", file=sys.stderr)

@@ -13,17 +13,39 @@ from another host always counts as held, because its process cannot be checked f
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import signal
 import socket
 import sys
+import threading
 import time
-from typing import Any, Dict, List, Optional, TextIO
+from typing import Any, Dict, Iterator, List, Optional, TextIO
 
 from .errors import UserError
 
 LOCK_NAME = ".mpq.lock"
+
+
+@contextlib.contextmanager
+def sigterm_exits() -> Iterator[None]:
+    """Within the block SIGTERM raises ``SystemExit(143)``, so ``finally`` blocks run and the run
+    folder's lock is released (the trainer installs its own checkpoint-then-stop handler while it
+    trains)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _exit(signum, frame):  # noqa: ARG001
+        raise SystemExit(128 + signum)
+
+    old = signal.signal(signal.SIGTERM, _exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def check_writable_dir(path: str, what: str) -> None:

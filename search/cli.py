@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from mpq.errors import UserError
-from mpq.rundir import RunFolder
+from mpq.rundir import RunFolder, sigterm_exits
 
 from .budget import ACCEPTED, Budget, format_bitops, format_bytes, parse_budget, parse_budget_list
 from .greedy import DEFAULT_REFINE_ITERS, DEFAULT_REFINE_TOP_K
@@ -794,7 +794,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as e:  # --help (0) or a usage error (2, one line printed above)
         return int(e.code or 0)
     try:
-        return run(args)
+        with sigterm_exits():
+            return run(args)
     except UserError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
