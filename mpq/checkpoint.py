@@ -28,6 +28,7 @@ import pickle
 import re
 import shutil
 import tempfile
+import warnings
 import zipfile
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -63,30 +64,158 @@ def atomic_save(obj: Any, path: str) -> None:
         raise
 
 
-def safe_load(path: str, what: str = "checkpoint") -> Dict[str, Any]:
-    """``torch.load(path, weights_only=True)`` with one clear ``UserError`` for every way it fails."""
-    if not os.path.isfile(path):
-        raise UserError(f"{what}: no such file {path!r}")
+_ZIP_MAGIC = b"PK\x03\x04"
+# what torch's weights-only unpickler accepts besides torch's own rebuild functions
+_SAFE_GLOBAL_PREFIXES = ("torch.", "collections.OrderedDict", "builtins.set", "builtins.frozenset",
+                         "builtins.bytearray", "builtins.complex", "_codecs.encode", "numpy.")
+
+
+def _head(path: str, n: int = 8) -> bytes:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        text = " ".join(str(e).split())
-        m = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-        if m:
-            raise UserError(f"{what}: {path!r} was refused: it needs unpickling arbitrary objects "
-                            f"({m.group(1)}), which weights_only loading does not allow; a supernet "
-                            f"checkpoint holds only tensors and plain containers") from None
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError:
+        return b""
+
+
+def _pickle_bytes(path: str) -> Optional[bytes]:
+    """The pickle stream of a checkpoint file without unpickling it: ``*/data.pkl`` of torch's zip
+    format, or the file itself (legacy format / a plain pickle); None when it cannot be found."""
+    try:
+        if _head(path, 4) == _ZIP_MAGIC:
+            with zipfile.ZipFile(path) as z:
+                names = [n for n in z.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
+                return z.read(names[0]) if names else None
+        with open(path, "rb") as f:
+            return f.read(64 << 20)  # the leading pickle of a legacy file sits at the start
+    except (OSError, zipfile.BadZipFile, KeyError, EOFError, RuntimeError, ValueError, NotImplementedError):
+        return None
+
+
+def scan_pickle(data: bytes) -> Tuple[bool, list]:
+    """Parse the first pickle of ``data`` opcode by opcode WITHOUT executing anything: returns
+    ``(complete, globals)``, ``complete`` False when the stream is cut short or is not a pickle,
+    ``globals`` the ``module.name`` of every class/function it would import and call."""
+    import io
+    import pickletools
+    found: list = []
+    recent: list = []   # string values pushed lately (STACK_GLOBAL takes module and name from them)
+    memo: Dict[int, Any] = {}
+    try:
+        for op, arg, _pos in pickletools.genops(io.BytesIO(data)):
+            name = op.name
+            if name in ("GLOBAL", "INST"):
+                found.append(str(arg).replace(" ", ".", 1))
+            elif name == "STACK_GLOBAL":
+                if len(recent) >= 2 and all(isinstance(x, str) for x in recent[-2:]):
+                    found.append(f"{recent[-2]}.{recent[-1]}")
+                else:
+                    found.append("<an object built by STACK_GLOBAL>")
+            elif name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING",
+                          "BINSTRING", "STRING"):
+                recent.append(arg)
+            elif name == "MEMOIZE":
+                memo[len(memo)] = recent[-1] if recent else None
+            elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[arg] = recent[-1] if recent else None
+            elif name in ("GET", "BINGET", "LONG_BINGET"):
+                recent.append(memo.get(arg))
+            elif name == "STOP":
+                return True, found
+            else:
+                recent.append(None)
+            del recent[:-4]
+    except Exception:  # noqa: BLE001 - a cut or garbage stream: genops raises ValueError & co.
+        return False, found
+    return False, found
+
+
+def _unsafe_globals(globs: list) -> list:
+    return [g for g in globs if not g.startswith(_SAFE_GLOBAL_PREFIXES)]
+
+
+def _refused(what: str, path: str, needs: Optional[str], plain: bool = False) -> UserError:
+    if plain:  # a complete pickle the weights-only unpickler will not take, no foreign class named
+        detail = f"a pickle that torch.load(weights_only=True) does not take: {needs}" if needs else \
+            "a pickle that torch.load(weights_only=True) does not take"
+    else:
+        detail = f"it needs unpickling arbitrary objects: {needs}" if needs else \
+            "it needs unpickling arbitrary objects"
+    return UserError(f"{what}: {path!r} refused: not a weights-only checkpoint ({detail}); mpq loads only "
+                     f"files of tensors and plain containers (torch.load weights_only=True) and runs none "
+                     f"of this file's code")
+
+
+def _classify_load_error(e: BaseException, path: str, what: str) -> UserError:
+    """One clear message for a file ``torch.load(weights_only=True)`` could not read: a pickle that
+    would run code is *refused*; a cut or damaged file is *truncated or corrupted*; anything else is
+    not a checkpoint at all."""
+    text = " ".join(str(e).split())
+    head = _head(path)
+    is_zip = head[:4] == _ZIP_MAGIC
+    data = _pickle_bytes(path)
+    complete, globs = scan_pickle(data) if data else (False, [])
+    unsafe = _unsafe_globals(globs)
+    m = re.search(r"GLOBAL\s+([A-Za-z_][\w.]*)", text)
+    if m or unsafe:
+        return _refused(what, path, m.group(1) if m else unsafe[0])
+    if isinstance(e, pickle.UnpicklingError) and complete and "weights only" in text.lower():
+        # a whole, well-formed pickle that the weights-only unpickler still would not take
         detail = text.split("WeightsUnpickler error:")[-1].split("Check the documentation")[0].strip()
-        raise UserError(f"{what}: {path!r} is truncated or corrupted and cannot be read "
-                        f"({detail[:120] or 'unpickling failed'})") from None
+        return _refused(what, path, detail[:120] or None, plain=True)
+    if is_zip or head[:1] == b"\x80":
+        detail = text.split("WeightsUnpickler error:")[-1].split("Check the documentation")[0]
+        detail = detail.split(". This is an internal")[0].strip()
+        return UserError(f"{what}: {path!r} is truncated or corrupted and cannot be read "
+                         f"({detail[:120] or type(e).__name__})")
+    return UserError(f"{what}: {path!r} is truncated or corrupted, or not a PyTorch checkpoint at all: it "
+                     f"starts with {head!r}, neither torch.save's zip format nor a pickle")
+
+
+def safe_load(path: str, what: str = "checkpoint") -> Dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` with one clear ``UserError`` for every way it fails:
+    missing, a folder, empty, truncated or corrupted, not a checkpoint, or a pickle payload that
+    would run code (``refused: not a weights-only checkpoint``; nothing of it is executed)."""
+    if os.path.isdir(path):
+        raise UserError(f"{what}: {path!r} is a folder; give a checkpoint file")
+    if not os.path.exists(path):
+        raise UserError(f"{what}: no such file {path!r}")
+    if not os.path.isfile(path):
+        raise UserError(f"{what}: {path!r} is not a regular file; give a checkpoint file")
+    if os.path.getsize(path) == 0:
+        raise UserError(f"{what}: {path!r} is empty (0 bytes); not a checkpoint")
+    try:
+        with warnings.catch_warnings():  # torch warns about legacy files; the error below says it all
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except MemoryError:
         raise
-    except Exception as e:  # noqa: BLE001 - zip/EOF/key/runtime errors of a damaged file
-        raise UserError(f"{what}: {path!r} is truncated or corrupted and cannot be read "
-                        f"({type(e).__name__})") from None
+    except PermissionError as e:
+        raise UserError(f"{what}: cannot read {path!r} ({e.strerror})") from None
+    except Exception as e:  # noqa: BLE001 - unpickling/zip/EOF/key/runtime errors of a bad file
+        raise _classify_load_error(e, path, what) from None
     if not isinstance(obj, dict):
-        raise UserError(f"{what}: {path!r} does not hold a dict (got {type(obj).__name__})")
+        raise UserError(f"{what}: {path!r} does not hold a dict (got {type(obj).__name__}); not a checkpoint")
     return obj
+
+
+def describe_state_mismatch(model: nn.Module, state: Dict[str, Any]) -> str:
+    """Why ``state`` does not load into ``model``: counts and first examples of missing and
+    unexpected keys and of shape mismatches, in one line."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: file {tuple(state[k].shape)}, model {tuple(own[k].shape)}" for k in own
+              if k in state and isinstance(state[k], torch.Tensor) and tuple(state[k].shape) != tuple(own[k].shape)]
+    not_tensors = [k for k in own if k in state and not isinstance(state[k], torch.Tensor)]
+    parts = []
+    for label, items in (("missing key", missing), ("unexpected key", unexpected),
+                         ("shape mismatch", shapes), ("non-tensor value", not_tensors)):
+        if items:
+            plural = ("es" if label.endswith("ch") else "s") if len(items) > 1 else ""
+            parts.append(f"{len(items)} {label}{plural} "
+                         f"(e.g. {', '.join(map(str, items[:2]))})")
+    return "; ".join(parts) or "no key or shape difference found"
 
 
 def build_supernet(spec: Dict[str, Any]) -> nn.Module:
@@ -109,22 +238,23 @@ def load_supernet(path: str) -> Tuple[nn.Module, Dict[str, Any]]:
     whether BN must be re-estimated per configuration (shared BN; switchable BN when trained with
     ``eval.recalibrate_switchable``)."""
     ckpt = safe_load(path, "checkpoint")
-    if ckpt.get("format") != FORMAT or "spec" not in ckpt or "model" not in ckpt:
-        raise UserError(f"checkpoint: {path!r} is not an mpq supernet checkpoint (no 'format: {FORMAT}', "
-                        f"'spec' and 'model' entries)")
+    check_format(ckpt, path)
     try:
         net = build_supernet(ckpt["spec"])
-    except UserError:
-        raise
-    except (KeyError, TypeError, ValueError) as e:
+    except UserError as e:  # e.g. an unknown model name in the spec: say which file it came from
+        raise UserError(f"checkpoint: {path!r} has an invalid model spec ({e})") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise UserError(f"checkpoint: {path!r} has an invalid model spec ({type(e).__name__}: "
                         f"{str(e)[:200]})") from None
     state = ckpt["model_ema"] if isinstance(ckpt.get("model_ema"), dict) else ckpt["model"]
+    if not isinstance(state, dict):
+        raise UserError(f"checkpoint: {path!r} has no state_dict under 'model' (got {type(state).__name__})")
     try:
         net.load_state_dict(state)
-    except RuntimeError as e:
-        raise UserError(f"checkpoint: {path!r} does not match its model spec: "
-                        f"{str(e).splitlines()[0][:300]}") from None
+    except (RuntimeError, TypeError, ValueError, AttributeError):
+        raise UserError(f"checkpoint: {path!r} does not match its model spec "
+                        f"({describe_state_mismatch(net, state)}); the file was altered or comes from "
+                        f"another mpq version") from None
     spec = ckpt["spec"]
     net.mpq_spec["bn_recalibrate"] = bool(spec.get("bn_recalibrate", spec["quant"].get("bn") == "shared"))
     net.eval()
@@ -132,11 +262,16 @@ def load_supernet(path: str) -> Tuple[nn.Module, Dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------- training checkpoints
-def check_format(ckpt: Dict[str, Any], path: str) -> None:
-    """Refuse anything that is not an mpq supernet checkpoint."""
+def check_format(ckpt: Dict[str, Any], path: str, what: str = "checkpoint") -> None:
+    """Refuse anything that is not an mpq supernet checkpoint (``what`` names the input in the
+    message, e.g. ``train.resume``)."""
     if ckpt.get("format") != FORMAT or not isinstance(ckpt.get("spec"), dict) or "model" not in ckpt:
-        raise UserError(f"checkpoint: {path!r} is not an mpq supernet checkpoint (no 'format: {FORMAT}', "
-                        f"'spec' and 'model' entries)")
+        hint = ""
+        if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+            hint = ("; it looks like a plain model state_dict (e.g. torchvision weights): train.py takes "
+                    "one as model.pretrained, search.py needs train.py's supernet.pt")
+        raise UserError(f"{what}: {path!r} is not an mpq supernet checkpoint (no 'format: {FORMAT}', "
+                        f"'spec' and 'model' entries){hint}")
 
 
 def _spec_diff(a: Dict[str, Any], b: Dict[str, Any], prefix: str = "") -> Optional[str]:

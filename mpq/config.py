@@ -162,6 +162,13 @@ class Field:
         self.kind, self.doc, self.nullable, self.check, self.choices = kind, doc, nullable, check, choices
 
 
+# seeds are offset by small constants and fed to torch.Generator (int64) and numpy; 2^62 leaves room
+MAX_SEED = 2 ** 62
+MAX_WORKERS = 256   # DataLoader worker processes; far more than this hangs the machine, not the job
+# classes of the data sets whose class count is fixed (imagenet: the class folders decide)
+DATASET_CLASSES = {"fashion_mnist": 10, "cifar10": 10, "cifar100": 100}
+
+
 def _gt(lo):
     return lambda v: None if v > lo else f"must be > {lo}, got {v!r}"
 
@@ -209,10 +216,10 @@ SCHEMA: Dict[str, Dict[str, Field]] = {
         "root": Field("str", "local data folder", nullable=True),
         "train_subset": Field("int", "seeded training subset size (null: all)", nullable=True, check=_gt(0)),
         "val_subset": Field("int", "held-out subset size (null: all)", nullable=True, check=_gt(0)),
-        "seed": Field("int", "data order and subsets seed"),
+        "seed": Field("int", "data order and subsets seed", check=_in(0, MAX_SEED)),
         "batch_size": Field("int", "global batch size", check=_gt(0)),
         "eval_batch_size": Field("int", "evaluation batch size", check=_gt(0)),
-        "workers": Field("int", "DataLoader workers per process", check=_ge(0)),
+        "workers": Field("int", "DataLoader workers per process", check=_in(0, MAX_WORKERS)),
         "image_size": Field("int", "ImageNet crop size", check=_gt(0)),
     },
     "quant": {
@@ -253,7 +260,7 @@ SCHEMA: Dict[str, Dict[str, Field]] = {
                            check=_in(0, 1, hi_open=True)),
         "qe_weight": Field("float", "final weight of the quantization-error loss (0: off)", check=_ge(0)),
         "qe_start": Field("float", "fraction of training where the QE loss starts", check=_in(0, 1, hi_open=True)),
-        "seed": Field("int", "model init and config sampling seed"),
+        "seed": Field("int", "model init and config sampling seed", check=_in(0, MAX_SEED)),
         "max_steps": Field("int", "stop after this many steps (null: all epochs)", nullable=True, check=_gt(0)),
         "resume": Field("resume", "false | auto | checkpoint path"),
         "device": Field("str", "device", choices=("auto", "cpu", "cuda")),
@@ -415,14 +422,14 @@ def validate(cfg: Dict[str, Any]) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     for section in cfg:
         if section not in SCHEMA:
-            raise UserError(f"{section}: unknown config section; known sections: {list(SCHEMA)}")
+            raise _unknown_section(section)
     for section, fields in SCHEMA.items():
         values = cfg.get(section)
         if not isinstance(values, dict):
             raise UserError(f"{section}: expected a mapping of keys, got {_type_name(values)}")
         for key in values:
             if key not in fields:
-                raise UserError(f"{section}.{key}: unknown config key; known keys of {section}: {list(fields)}")
+                raise _unknown_key(section, key)
         sec = {}
         for key, f in fields.items():
             name = f"{section}.{key}"
@@ -463,14 +470,53 @@ def _cross_checks(c: Dict[str, Any]) -> None:
     name = c["output"]["name"]
     if os.sep in name or name in (".", ".."):
         raise UserError(f"output.name: must be a plain folder name, got {name!r}")
+    from .models import check_model_name  # an unknown model fails here, before any data is read
+    check_model_name(c["model"]["name"])
+    n, data_name = c["model"]["num_classes"], c["data"]["name"]
+    if n is not None and data_name in DATASET_CLASSES and n < DATASET_CLASSES[data_name]:
+        raise UserError(f"model.num_classes: {n} is fewer than the {DATASET_CLASSES[data_name]} classes of "
+                        f"data.name {data_name!r}; use at least {DATASET_CLASSES[data_name]}, or null for "
+                        f"the data set's count")
 
 
 # ----------------------------------------------------------------------------- loading
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key written twice in one mapping (plain YAML keeps the
+    last silently, so one of the two values would be ignored without a word)."""
+
+    def construct_mapping(self, node, deep=False):  # type: ignore[override]
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _did_you_mean(word: Any, choices: Iterable[str]) -> str:
+    import difflib
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}? " if close else ""
+
+
+def _unknown_key(section: str, key: Any, where: str = "") -> UserError:
+    return UserError(f"{section}.{key}: unknown config key{where}; "
+                     f"{_did_you_mean(key, SCHEMA[section])}known keys of {section}: {list(SCHEMA[section])}")
+
+
+def _unknown_section(section: str, where: str = "") -> UserError:
+    return UserError(f"{section}: unknown config section{where}; "
+                     f"{_did_you_mean(section, SCHEMA)}known sections: {list(SCHEMA)}")
+
+
 def parse_value(text: str) -> Any:
     """A command-line value as a YAML scalar or list (``2``, ``0.1``, ``true``, ``null``, ``[2,4]``);
     text that is not valid YAML stays a string."""
     try:
-        return yaml.safe_load(text) if text != "" else ""
+        return yaml.load(text, Loader=_UniqueKeyLoader) if text != "" else ""
     except yaml.YAMLError:
         return text
 
@@ -486,9 +532,9 @@ def apply_override(cfg: Dict[str, Any], item: str) -> None:
         raise UserError(f"{key}: expected section.key (e.g. train.lr=0.1)")
     section, name = parts
     if section not in SCHEMA:
-        raise UserError(f"{section}: unknown config section; known sections: {list(SCHEMA)}")
+        raise _unknown_section(section)
     if name not in SCHEMA[section]:
-        raise UserError(f"{key}: unknown config key; known keys of {section}: {list(SCHEMA[section])}")
+        raise _unknown_key(section, name)
     cfg.setdefault(section, {})[name] = parse_value(text)
 
 
@@ -501,25 +547,26 @@ def merge(base: Dict[str, Any], over: Dict[str, Any], where: str) -> Dict[str, A
         raise UserError(f"{where}: expected a mapping of config sections, got {_type_name(over)}")
     for section, values in over.items():
         if section not in SCHEMA:
-            raise UserError(f"{section}: unknown config section in {where}; known sections: {list(SCHEMA)}")
+            raise _unknown_section(section, f" in {where}")
         if values is None:
             continue
         if not isinstance(values, dict):
             raise UserError(f"{section}: expected a mapping of keys in {where}, got {_type_name(values)}")
         for key, v in values.items():
             if key not in SCHEMA[section]:
-                raise UserError(f"{section}.{key}: unknown config key in {where}; known keys of "
-                                f"{section}: {list(SCHEMA[section])}")
+                raise _unknown_key(section, key, f" in {where}")
             out[section][key] = v
     return out
 
 
 def read_yaml(path: str) -> Dict[str, Any]:
+    if os.path.isdir(path):
+        raise UserError(f"--config: {path!r} is a folder; give a YAML file")
     if not os.path.isfile(path):
         raise UserError(f"--config: no such file {path!r}")
     try:
         with open(path, "r", encoding="utf-8") as f:
-            return yaml.safe_load(f) or {}
+            return yaml.load(f, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         first = str(e).strip().splitlines()
         raise UserError(f"--config: {path!r} is not valid YAML ({' '.join(first)[:200]})") from None
@@ -539,6 +586,63 @@ def load_config(path: Union[str, Sequence[str], None] = None,
     for item in overrides:
         apply_override(cfg, item)
     return validate(cfg)
+
+
+# ----------------------------------------------------------------------------- command-line checks
+def check_range(name: str, value: Any, lo: Optional[float] = None, hi: Optional[float] = None, *,
+                integer: bool = False, lo_open: bool = False, hi_open: bool = False,
+                hint: str = "") -> Any:
+    """Check one command-line value and return it; raise :class:`UserError` naming the flag, the
+    value and what is allowed otherwise. NaN and infinities are always refused; bools are not
+    numbers. E.g. ``check_range("--seed", args.seed, 0, MAX_SEED, integer=True)`` raises
+    ``--seed: must be an integer in [0, 4611686018427387904], got -1``."""
+    import math
+    kind = "an integer" if integer else "a number"
+    fmt = str if integer else (lambda v: f"{v:g}")
+    if lo is not None and hi is not None:
+        allowed = f"{kind} in {'(' if lo_open else '['}{fmt(lo)}, {fmt(hi)}{')' if hi_open else ']'}"
+    elif lo is not None:
+        allowed = f"{kind} {'>' if lo_open else '>='} {fmt(lo)}"
+    elif hi is not None:
+        allowed = f"{kind} {'<' if hi_open else '<='} {fmt(hi)}"
+    else:
+        allowed = f"a finite {'integer' if integer else 'number'}"
+    extra = f"; {hint}" if hint else ""
+    bad = UserError(f"{name}: must be {allowed}, got {value!r}{extra}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise bad
+    if integer and not isinstance(value, int):
+        raise bad
+    if not math.isfinite(value):
+        raise bad
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise bad
+    if hi is not None and (value >= hi if hi_open else value > hi):
+        raise bad
+    return value
+
+
+def check_device(name: str, text: Optional[str]):
+    """``--device`` text -> ``torch.device`` (None stays None: the caller's default). Only ``cpu``,
+    ``cuda`` and ``cuda:N`` with an existing N are allowed; anything else raises :class:`UserError`
+    naming the flag, e.g. ``--device: 'meta' is not allowed; allowed: cpu, cuda, cuda:N``."""
+    if text is None:
+        return None
+    import torch
+    allowed = "cpu, cuda, cuda:N (N < the number of GPUs)"
+    try:
+        dev = torch.device(text) if text else None
+    except (RuntimeError, ValueError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise UserError(f"{name}: {text!r} is not allowed; allowed: {allowed}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"{name}: {text!r} was asked for but no CUDA device is available; use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"{name}: {text!r} does not exist: this machine has "
+                            f"{torch.cuda.device_count()} GPU(s) (cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+    return dev
 
 
 def dump_config(cfg: Dict[str, Any]) -> str:

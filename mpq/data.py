@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import os
+import pickle
+import zlib
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -52,21 +54,35 @@ class DataInfo:
 def _read_idx(path: str) -> np.ndarray:
     """Read a (gzipped) IDX file: magic (2 zero bytes, dtype code 0x08, ndim), big-endian dims, data."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # not gzip, cut short, damaged, unreadable
+        raise UserError(f"data.root: {path!r} cannot be read ({getattr(e, 'strerror', None) or e}); "
+                        f"expected a gzipped Fashion-MNIST IDX file") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise UserError(f"data.root: {path!r} is not an unsigned-byte IDX file")
+        raise UserError(f"data.root: {path!r} is not an unsigned-byte IDX file (magic bytes {raw[:4]!r}, "
+                        f"expected 00 00 08 <ndim>)")
     ndim = raw[3]
-    dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(np.int64)
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(dims)):
-        raise UserError(f"data.root: {path!r} is truncated ({data.size} of {int(np.prod(dims))} values)")
-    return data.reshape(tuple(dims))
+    if not 1 <= ndim <= 4 or len(raw) < 4 + 4 * ndim:
+        raise UserError(f"data.root: {path!r} has a truncated or invalid IDX header ({ndim} dimensions, "
+                        f"{len(raw)} bytes)")
+    dims = [int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4)]
+    want = 1
+    for d in dims:
+        want *= d  # Python ints: no overflow on a damaged header
+    have = len(raw) - 4 - 4 * ndim
+    if have != want:
+        raise UserError(f"data.root: {path!r} is {'truncated' if have < want else 'damaged'}: its header "
+                        f"says {tuple(dims)} = {want} values, it holds {have}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(tuple(dims))
 
 
 def fashion_mnist(root: str = FASHION_MNIST_DIR, split: str = "train") -> TensorDataset:
     """Fashion-MNIST as a normalised float TensorDataset ``(N, 1, 28, 28)``, labels ``(N,)``."""
     img_name, lbl_name = FASHION_MNIST_FILES[split]
+    if root != FASHION_MNIST_DIR:  # the default folder's absence gets the install hint below
+        _check_root(root)
     paths = [os.path.join(root, img_name), os.path.join(root, lbl_name)]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
@@ -75,10 +91,23 @@ def fashion_mnist(root: str = FASHION_MNIST_DIR, split: str = "train") -> Tensor
                         f"set data.root to a folder holding {', '.join(sum(FASHION_MNIST_FILES.values(), ()))}")
     images = torch.from_numpy(_read_idx(paths[0]).copy()).float().div_(255.0)
     labels = torch.from_numpy(_read_idx(paths[1]).astype(np.int64))
+    if images.dim() != 3 or tuple(images.shape[1:]) != (28, 28) or labels.dim() != 1:
+        raise UserError(f"data.root: {paths[0]!r} holds images of shape {tuple(images.shape)} and "
+                        f"{paths[1]!r} labels of shape {tuple(labels.shape)}; Fashion-MNIST has "
+                        f"(N, 28, 28) images and (N,) labels")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > 9):
+        raise UserError(f"data.root: {paths[1]!r} holds labels outside 0..9")
     if images.shape[0] != labels.shape[0]:
         raise UserError(f"data.root: {paths[0]!r} and {paths[1]!r} hold different numbers of samples")
     images = images.sub_(FASHION_MNIST_MEAN).div_(FASHION_MNIST_STD).unsqueeze(1)
     return TensorDataset(images, labels)
+
+
+def _check_root(root: str) -> None:
+    if not os.path.exists(root):
+        raise UserError(f"data.root: no such folder {root!r}")
+    if not os.path.isdir(root):
+        raise UserError(f"data.root: {root!r} is a file, not a folder; give the folder that holds the data set")
 
 
 def _cifar(root: str, name: str, train: bool):
@@ -94,8 +123,10 @@ def _cifar(root: str, name: str, train: bool):
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
     try:
         return cls(root, train=train, transform=tf, download=False)
-    except RuntimeError as e:
-        raise UserError(f"data.root: {root!r}: {e}") from None
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as e:
+        raise UserError(f"data.root: {os.path.join(root, folder)!r} holds no readable {name.upper()} "
+                        f"({' '.join(str(e).split())[:160]}); expected torchvision's python-version "
+                        f"archive extracted there") from None
 
 
 def _imagenet(root: str, train: bool, image_size: int = 224):
@@ -111,7 +142,11 @@ def _imagenet(root: str, train: bool, image_size: int = 224):
     else:
         tf = T.Compose([T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size), T.ToTensor(),
                         T.Normalize(mean, std)])
-    return torchvision.datasets.ImageFolder(sub, transform=tf)
+    try:
+        return torchvision.datasets.ImageFolder(sub, transform=tf)
+    except (OSError, RuntimeError, ValueError) as e:  # no class folders, no images, unreadable
+        raise UserError(f"data.root: {sub!r} is not a usable ImageFolder tree "
+                        f"({' '.join(str(e).split())[:200]}); expected <root>/{os.path.basename(sub)}/<class>/*.JPEG") from None
 
 
 def seeded_subset(ds: Dataset, size: Optional[int], seed: int) -> Dataset:
@@ -133,14 +168,25 @@ def build_datasets(name: str, root: Optional[str] = None, train_subset: Optional
     elif name in ("cifar10", "cifar100"):
         if not root:
             raise UserError(f"data.root: {name} needs a local folder (torchvision's format); nothing is downloaded")
+        _check_root(root)
         train, val = _cifar(root, name, True), _cifar(root, name, False)
         info = (10 if name == "cifar10" else 100, 3, (1, 3, 32, 32))
     elif name == "imagenet":
         if not root:
             raise UserError("data.root: imagenet needs a local ImageFolder tree with train/ and val/")
+        _check_root(root)
         train, val = _imagenet(root, True, image_size), _imagenet(root, False, image_size)
+        if train.classes != val.classes:
+            only = sorted(set(train.classes) ^ set(val.classes))
+            raise UserError(f"data.root: {root!r}: train/ and val/ hold different class folders "
+                            f"({len(train.classes)} vs {len(val.classes)}; e.g. {only[:3]}); both need the same classes")
         info = (len(train.classes), 3, (1, 3, image_size, image_size))
     else:
         raise UserError(f"data.name: unknown data set {name!r}; allowed: ['fashion_mnist', 'cifar10', "
                         f"'cifar100', 'imagenet']")
+    for key, size, ds in (("train_subset", train_subset, train), ("val_subset", val_subset, val)):
+        if size and size > len(ds):
+            raise UserError(f"data.{key}: {size} is larger than the {name} "
+                            f"{'training' if key == 'train_subset' else 'held-out'} set ({len(ds)} "
+                            f"samples); use at most {len(ds)} or null for all of it")
     return DataInfo(seeded_subset(train, train_subset, seed), seeded_subset(val, val_subset, seed + 1), *info)

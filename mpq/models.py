@@ -189,6 +189,21 @@ LOCAL_MODELS: Dict[str, Callable[..., nn.Module]] = {"resnet20": resnet20,
 WIDTH_MODELS = ("small_cnn", "small_mobilenet")
 
 
+def check_model_name(name: str) -> None:
+    """Raise :class:`UserError` unless ``name`` is a local model or a torchvision classifier."""
+    if name in LOCAL_MODELS:
+        return
+    import torchvision
+    available = torchvision.models.list_models(module=torchvision.models)
+    if name not in available:
+        import difflib
+        close = difflib.get_close_matches(str(name), list(LOCAL_MODELS) + available, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise UserError(f"model.name: unknown model {name!r}; {hint}choose 'resnet20', 'efficientnet_lite0', "
+                        f"'small_cnn', 'small_mobilenet' or a torchvision classifier such as resnet18, "
+                        f"resnet50, mobilenet_v2")
+
+
 def build_model(name: str, num_classes: int = 1000, in_channels: int = 3,
                 pretrained: Optional[str] = None, width: Optional[int] = None) -> nn.Module:
     """Build a float model: ``resnet20``, ``efficientnet_lite0``, ``small_cnn``, ``small_mobilenet`` or
@@ -197,6 +212,7 @@ def build_model(name: str, num_classes: int = 1000, in_channels: int = 3,
     ``pretrained`` is a local file with a float ``state_dict`` (loaded with ``weights_only=True``);
     nothing is downloaded. ``width`` sets the base channel count of ``small_cnn`` / ``small_mobilenet`` (None: its default).
     """
+    check_model_name(name)
     if width is not None and name not in WIDTH_MODELS:
         raise UserError(f"model.width: only {' and '.join(WIDTH_MODELS)} have a width setting, not "
                         f"{name!r}; set it to null")
@@ -205,27 +221,25 @@ def build_model(name: str, num_classes: int = 1000, in_channels: int = 3,
         model = LOCAL_MODELS[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
     else:
         import torchvision
-        available = torchvision.models.list_models(module=torchvision.models)
-        if name not in available:
-            raise UserError(f"model.name: unknown model {name!r}; choose 'resnet20', 'efficientnet_lite0', "
-                            f"'small_cnn', 'small_mobilenet' or a "
-                            f"torchvision classifier such as resnet18, resnet50, mobilenet_v2")
         model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
         if in_channels != 3:
             raise UserError(f"model.in_channels: torchvision models take 3 channels, got {in_channels}")
     if pretrained:
-        import os
-        if not os.path.isfile(pretrained):
-            raise UserError(f"model.pretrained: no such file {pretrained!r} (a float state_dict saved "
-                            f"with torch.save)")
-        state = torch.load(pretrained, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        from .checkpoint import describe_state_mismatch, safe_load  # one loader: one clear error each
+        state = safe_load(pretrained, "model.pretrained")  # missing, folder, empty, damaged, pickle payload
+        if state.get("format") == "mpq-supernet":
+            raise UserError(f"model.pretrained: {pretrained!r} is an mpq supernet checkpoint, not a float "
+                            f"state_dict; continue a run with train.resume=<file> (or --resume) instead")
+        if isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
+        elif isinstance(state.get("model"), dict):
+            state = state["model"]
         try:
             model.load_state_dict(state)
-        except RuntimeError as e:
-            raise UserError(f"model.pretrained: {pretrained!r} does not fit model {name!r}: "
-                            f"{str(e).splitlines()[0]}") from None
+        except (RuntimeError, TypeError, ValueError, AttributeError):
+            raise UserError(f"model.pretrained: {pretrained!r} does not fit model {name!r} "
+                            f"({describe_state_mismatch(model, state)}); give a float state_dict of "
+                            f"that model (torch.save(model.state_dict(), path))") from None
     return model
 
 

@@ -545,7 +545,8 @@ class Trainer:
             return
         self.folder.keep_log()  # inputs are valid: from here on the job writes into its folder
         if self.global_step > 0:
-            self._trim_scheduler_log()
+            for name in (SCHEDULER_LOG, "metrics.jsonl"):
+                self._trim_log(name)
         with open(os.path.join(self.run_dir, "config.yaml"), "w", encoding="utf-8") as f:
             f.write(dump_config(self.cfg))
         from torch.utils.tensorboard import SummaryWriter
@@ -902,9 +903,11 @@ class Trainer:
         self._scalar("sched/frozen_layers", len(entry["frozen"]))
         self._scalar("sched/frozen", self.bit_sched.num_frozen())
 
-    def _trim_scheduler_log(self) -> None:
-        """On resume, drop the updates logged after the checkpoint (they will be made again)."""
-        path = os.path.join(self.run_dir, SCHEDULER_LOG)
+    def _trim_log(self, name: str) -> None:
+        """On resume, drop the lines of a step-stamped log written after the checkpoint (they will
+        be written again): freezing updates, and an epoch recorded just before a crash or from a
+        newer checkpoint that turned out damaged."""
+        path = os.path.join(self.run_dir, name)
         if not self.env.is_main or not os.path.isfile(path):
             return
         keep = []

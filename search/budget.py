@@ -27,9 +27,11 @@ ACCEPTED = ("accepted formats: BitOPs like '22.8G', '500M', '1.5e9' (K/M/G/T = 1
             "a ratio of the all-8-bit BitOPs like '0.2' (0 < ratio <= 1); no spaces")
 
 _NUMBER = r"(?P<num>(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)"
-_BITOPS_RE = re.compile(_NUMBER + r"(?P<unit>[kKmMgGtT])(?:bitops|BitOPs|BITOPS|bops|BOPs|BOPS|ops|OPs|OPS)?")
-_SIZE_RE = re.compile(_NUMBER + r"(?P<unit>[kKmMgG]?[iI]?[bB])")
-_PLAIN_RE = re.compile(_NUMBER)
+# re.ASCII: only the digits 0-9 (\d would also take other scripts' digits, which float() reads)
+_BITOPS_RE = re.compile(_NUMBER + r"(?P<unit>[kKmMgGtT])(?:bitops|BitOPs|BITOPS|bops|BOPs|BOPS|ops|OPs|OPS)?",
+                        re.ASCII)
+_SIZE_RE = re.compile(_NUMBER + r"(?P<unit>[kKmMgG]?[iI]?[bB])", re.ASCII)
+_PLAIN_RE = re.compile(_NUMBER, re.ASCII)
 
 _DECIMAL = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 _BINARY = {"k": 1024.0, "m": 1024.0 ** 2, "g": 1024.0 ** 3}
@@ -100,6 +102,11 @@ def parse_budget(text, kind: Optional[str] = None) -> Budget:
             else:
                 parsed = Budget("size" if kind == "size" else "bitops", value, text)
     if parsed is None:
+        if s.startswith("-") and (_PLAIN_RE.fullmatch(s[1:]) or _BITOPS_RE.fullmatch(s[1:])
+                                  or _SIZE_RE.fullmatch(s[1:])):
+            raise _bad(text, "negative: a budget must be above 0")
+        if s.lower().lstrip("+-") in ("nan", "inf", "infinity"):
+            raise _bad(text, "it must be a finite number above 0")
         raise _bad(text)
     if kind is not None and parsed.kind != kind:
         raise UserError(f"budget: {text!r} is a {parsed.kind} budget, but a {kind} budget is expected "

@@ -189,6 +189,12 @@ def split_data(info, calib_size: int, eval_size: int, bn_samples: int, seed: int
         plain = getattr(full, "transform", None) is None
         calib_split = "train" if plain and len(unused) >= calib_size else "val"
     n_val = len(info.val)
+    room = n_val if calib_split == "train" else n_val - calib_size
+    if eval_size and eval_size > room > 0:
+        raise UserError(f"--eval-size: {eval_size} is more than the {room} held-out samples available "
+                        f"({n_val} in the val split" + ("" if calib_split == "train" else
+                                                          f", {calib_size} of them for calibration")
+                        + "); use at most {room}, or 0 for all of them".format(room=room))
     if calib_split == "train":
         if len(unused) < calib_size:
             raise UserError(f"--calib-split train: only {len(unused)} training images were left out of "
@@ -393,10 +399,15 @@ def run(args) -> int:
     for name in ("calib_size", "batch_size", "bn_batches", "top_k", "proxy_batches", "refine_top_k"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(args, name)}")
-    if (args.eval_size < 0 or args.refine_steps < 0 or args.refresh < 0 or args.workers < 0
-            or not args.margin >= 0 or not args.refine_margin >= 0):
-        raise UserError("--eval-size, --refine-steps, --refresh, --workers, --margin and --refine-margin "
-                        "must not be negative")
+    from mpq.config import MAX_SEED, MAX_WORKERS, check_device, check_range
+    if args.seed is not None:
+        check_range("--seed", args.seed, 0, MAX_SEED, integer=True)
+    check_range("--workers", args.workers, 0, MAX_WORKERS, integer=True)
+    check_device("--device", args.device)
+    for name in ("eval_size", "refine_steps", "refresh", "workers", "margin", "refine_margin"):
+        value = getattr(args, name)
+        if not value >= 0 or not math.isfinite(value):  # also NaN and inf
+            raise UserError(f"--{name.replace('_', '-')}: must be a finite number >= 0, got {value}")
 
     out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "search")
     device, dist_here = _init_distributed(args.device)
@@ -406,6 +417,8 @@ def run(args) -> int:
         main = rank == 0
         show = main and not args.quiet
         t_start = time.time()
+        if os.path.isdir(args.checkpoint):
+            raise UserError(f"checkpoint: {args.checkpoint!r} is a folder; give train.py's supernet.pt")
         if not os.path.isfile(args.checkpoint):
             hint = " (train one first: python train.py)" if args.checkpoint == DEFAULT_CHECKPOINT else ""
             raise UserError(f"checkpoint: no such file {args.checkpoint!r}{hint}")
@@ -492,6 +505,10 @@ def run(args) -> int:
         try:
             info = build_datasets(data["name"], data.get("root"), train_subset=data.get("train_subset"),
                                   seed=int(data["train_seed"]), image_size=input_size[-1])
+        except UserError as e:  # name the flag the user typed
+            if args.data_root and str(e).startswith("data.root:"):
+                raise UserError("--data-root" + str(e)[len("data.root"):]) from None
+            raise
         except TypeError as e:
             raise UserError(f"checkpoint: malformed data config {data!r} ({e})") from None
         m_spec = spec.get("model", {})

@@ -168,7 +168,7 @@ def _other_checkpoints(tmp_path, ckpt):
     ("below_min", "minimum achievable"), ("size_below_min", "minimum achievable size"),
     ("size_kind", "size budget is expected"), ("mixed_lists", "cannot be combined"),
     ("calib_too_big", "leaves no held-out samples"),
-    ("refine_top_k", "--refine-top-k: must be at least 1"), ("refine_steps", "must not be negative"),
+    ("refine_top_k", "--refine-top-k: must be at least 1"), ("refine_steps", "--refine-steps: must be a finite number >= 0"),
 ])
 def test_user_errors_exit_2_with_one_line(case, expect, ckpt, tmp_path, capsys):
     plain, wrong_weights, other_model = _other_checkpoints(tmp_path, ckpt) if case in (
