@@ -481,14 +481,12 @@ def ptq(net, config: Dict[str, Tuple[int, int]], calib_batches) -> None:
     for n, m in layers.items():
         wb, ab = config[n]
         if wb != FLOAT_BITS:
-            step = m.w_quant.step[str(wb)]
-            step.copy_(mse_weight_step(m.weight, wb, step.numel()).view_as(step))
+            m.w_quant.set_step(wb, mse_weight_step(m.weight, wb, m.w_quant.step_for(wb).numel()))
         if ab != FLOAT_BITS:
             x = torch.cat(inputs[n])
             signed = bool((x < 0).any())
             m.a_quant.signed.fill_(signed)
-            m.a_quant.step[str(ab)].fill_(mse_act_step(x, ab, signed))
-            m.a_quant.initialized.fill_(True)
+            m.a_quant.set_step(ab, mse_act_step(x, ab, signed))
     set_bits(net, config)
 
 

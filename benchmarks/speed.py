@@ -99,7 +99,7 @@ def bench_train_step(kernels: List[str], models: Sequence[str]) -> List[Dict]:
 
 def bench_export(models: Sequence[str]) -> List[Dict]:
     import tempfile
-    from search.export import export, load_fixed
+    from mpq.export import export, load_fixed
     rows = []
     for name in models:
         float_net, supernet, x, _ = make_pair(name)
@@ -125,7 +125,7 @@ def bench_export(models: Sequence[str]) -> List[Dict]:
 def bench_onnx(models: Sequence[str]) -> List[Dict]:
     import numpy as np
     import onnxruntime as ort
-    from search.export import fixed_model
+    from mpq.export import fixed_model
     from search.onnx_export import build_onnx
     rows = []
     for name in models:

@@ -56,7 +56,6 @@ import torch.distributed as dist
 from torch import nn
 
 from .layers import QuantConv2d
-from .quantizer import FLOAT_BITS
 from .supernet import quant_layers, unwrap
 
 _STATE_VERSION = 2
@@ -242,13 +241,9 @@ class ActivationClipCalibrator:
             aq = self.layers[name].a_quant
             if aq.auto_sign:
                 aq.signed.fill_(bool((mn[torch.isfinite(mn)] < 0).any()))
-            for key, step in aq.step.items():
-                b = int(key)
-                if b == FLOAT_BITS:
-                    continue
+            for b in aq.step_sizes():
                 _, qp = aq.grid(b)
-                step.fill_(max(clip, 1e-8) / qp)
-            aq.initialized.fill_(True)
+                aq.set_step(b, max(clip, 1e-8) / qp)
         self.done = True
         self._set_float(False)
         self._apply_freeze()
@@ -258,7 +253,7 @@ class ActivationClipCalibrator:
         if not self.freeze:
             return
         for layer in self.layers.values():
-            for p in layer.a_quant.step.values():
+            for p in layer.a_quant.step_sizes().values():
                 p.requires_grad_(False)
                 p.grad = None
 

@@ -211,7 +211,7 @@ def quantization_error_loss(model: nn.Module) -> torch.Tensor:
         b, b_min = int(layer.w_bits), int(min(layer.w_allowed))
         w = layer.weight
         wq = layer.w_quant
-        step = wq.step[str(b)].detach().to(w.dtype)
+        step = wq.step_for(b).detach().to(w.dtype)
         qn, qp = wq.grid(b)
         clipped = torch.maximum(torch.minimum(w, qp * step), -qn * step)
         with torch.no_grad():

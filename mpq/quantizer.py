@@ -19,7 +19,7 @@ one elementwise pass forward and one backward instead of a chain of autograd nod
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -222,6 +222,30 @@ class LsqQuantizer(nn.Module):
                 value = 2 * mean_abs / math.sqrt(qrange(b, signed)[1])
             step.copy_(value.view_as(step).clamp_min(1e-8))
         self.initialized.fill_(True)
+
+    def step_for(self, bits: int) -> nn.Parameter:
+        """The learnable step size of ``bits`` (a KeyError names the candidates otherwise)."""
+        key = str(int(bits))
+        if key not in self.step:
+            raise KeyError(f"no step size for {bits} bits; candidates: {list(self.bits)}")
+        return self.step[key]
+
+    def step_sizes(self) -> Dict[int, nn.Parameter]:
+        """``{bits: step size}`` of every quantized candidate (32-bit "float" has none)."""
+        return {int(k): p for k, p in self.step.items()}
+
+    @torch.no_grad()
+    def set_step(self, bits: int, value: Union[float, torch.Tensor], initialized: bool = True) -> None:
+        """Set the step size of ``bits`` (a scalar, or a tensor broadcast to its shape) and, with
+        ``initialized``, mark the quantizer calibrated so its first forward keeps the value."""
+        step = self.step_for(bits)
+        if torch.is_tensor(value):
+            step.copy_(value.detach().to(step.dtype).view_as(step) if value.numel() == step.numel()
+                       else value.detach().to(step.dtype).expand_as(step))
+        else:
+            step.fill_(float(value))
+        if initialized:
+            self.initialized.fill_(True)
 
     def step_numel(self) -> int:
         """Number of step-size entries per bit-width (1: per tensor, C: per channel)."""

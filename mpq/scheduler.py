@@ -103,7 +103,7 @@ def _turbulence_counts(layer: nn.Module, threshold: float,
     for b in (layer.w_candidates if bits is None else bits):
         if b >= FLOAT_BITS:
             continue
-        s = layer.w_quant.step[str(b)].detach().to(w.dtype).abs().clamp_min(1e-12)
+        s = layer.w_quant.step_for(b).detach().to(w.dtype).abs().clamp_min(1e-12)
         qn, qp = layer.w_quant.grid(b)
         v = w / s
         inside = (v >= -qn) & (v <= qp)

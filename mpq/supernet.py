@@ -126,7 +126,8 @@ def _scan(model: nn.Module) -> Tuple[List[Tuple[str, nn.Module]], List[LayerRepo
     return convertible, left
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted path ``name`` of ``model`` by ``module``."""
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, attr, module)
@@ -197,7 +198,7 @@ def quantize_model(model: nn.Module, w_bits: Sequence[int] = (2, 3, 4, 5, 6),
         else:
             wb, ab = w_bits, a_bits
         cls = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
-        _set_submodule(model, name, cls.from_float(layer, wb, ab, per_channel=per_channel,
+        set_submodule(model, name, cls.from_float(layer, wb, ab, per_channel=per_channel,
                                                    w_init=w_init, grad_scale=grad_scale))
     if bn == "switchable":
         _make_switchable_bn(model)
@@ -289,7 +290,7 @@ def _make_switchable_bn(model: nn.Module) -> None:
         sbn = SwitchableBatchNorm2d(bnm, keys)
         sbn.source = src_name
         sbn.active = bn_key(src.w_bits, src.a_bits)
-        _set_submodule(model, bn_name, sbn)
+        set_submodule(model, bn_name, sbn)
 
 
 def quant_layers(model: nn.Module) -> Dict[str, nn.Module]:

@@ -4,8 +4,7 @@ from .cost import BitOpsCounter, bitops, measure_macs, model_size_bytes
 __all__ = ["BitOpsCounter", "bitops", "measure_macs", "model_size_bytes"]
 from .budget import Budget, parse_budget, parse_budget_list
 from .evaluator import Evaluator, ForwardCounter, evaluate, recalibrate_bn
-from .export import export as export_fixed, load_fixed, pack_codes, unpack_codes  # the name
-# ``search.export`` stays the submodule
+from mpq.export import export as export_fixed, load_fixed, pack_codes, unpack_codes
 from .greedy import (CostModel, SearchResult, Step, greedy_search, refine_search, refine_supernet,
                      search_supernet)
 

@@ -382,7 +382,7 @@ def run(args) -> int:
     from mpq.supernet import max_config, min_config, uniform_config
     from . import pareto as pareto_mod
     from .evaluator import Evaluator, ForwardCounter, dist_info, evaluate
-    from .export import fixed_from_payload, fixed_payload, float_model_bytes
+    from mpq.export import fixed_from_payload, fixed_payload, float_model_bytes
     from .greedy import CostModel, refine_supernet, search_supernet
 
     # budgets first: a malformed one fails before anything is loaded

@@ -196,7 +196,7 @@ def evaluate(net: nn.Module, config: Optional[Mapping[str, Sequence[int]]], load
         collect: a dict that receives this rank's per-sample ``"correct"`` (bool) and ``"loss"``
             tensors, in data order.
         form: ``"supernet"`` runs the supernet as it is; ``"exported"`` runs the configuration in
-            the arithmetic of the exported model (:func:`search.export.fixed_model`: BN folded into
+            the arithmetic of the exported model (:func:`mpq.export.fixed_model`: BN folded into
             the weight scales, bias rounded to int32 at ``s_a * s_w``), after the BN step, so the
             figure is the exported model's.
     Returns ``{"acc", "loss", "n"}`` (accuracy in [0, 1], mean loss, number of samples).
@@ -224,7 +224,7 @@ def evaluate(net: nn.Module, config: Optional[Mapping[str, Sequence[int]]], load
         if bn_mode == "batch":
             raise ValueError("evaluate: form='exported' needs stored or re-calibrated BN statistics, "
                              "not bn_mode='batch'")
-        from .export import fixed_model
+        from mpq.export import fixed_model
         model = fixed_model(net).to(device)
     ctx = batch_stat_bn(net) if bn_mode == "batch" else contextlib.nullcontext()
     with ctx:

@@ -1,6 +1,6 @@
 """ONNX QDQ export of a fixed-precision model: what onnxruntime runs with the searched accuracy.
 
-The fixed model (:func:`search.export.load_fixed` / :func:`search.export.fixed_model`) is traced with
+The fixed model (:func:`mpq.export.load_fixed` / :func:`mpq.export.fixed_model`) is traced with
 ``torch.fx`` and written node by node as an ONNX graph (opset 21) in the QDQ form that onnxruntime,
 TensorRT and other toolchains turn into integer kernels:
 
@@ -13,7 +13,7 @@ TensorRT and other toolchains turn into integer kernels:
 * weights are integer initializers (INT4 for <= 4 bits, 2- and 3-bit codes included; INT8 for 5-8)
   with a per-output-channel scale (axis 0, BatchNorm folded into it) feeding ``DequantizeLinear``;
 * a bias after a quantized input is an INT32 initializer at scale ``s_a * s_w`` (per channel), as
-  the torch fixed model rounds it (:meth:`search.export._FixedMixin.refresh`), so onnxruntime's QDQ
+  the torch fixed model rounds it (:meth:`mpq.export._FixedMixin.refresh`), so onnxruntime's QDQ
   fusions (e.g. QLinearConv for 8-bit blocks) compute the same numbers;
 * 32-bit (float) layers stay float Conv/Gemm.
 
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from mpq.errors import UserError
 
-from .export import FixedConv2d, FixedLinear, _FixedMixin, fixed_from_payload, load_fixed
+from mpq.export import FixedConv2d, FixedLinear, _FixedMixin, fixed_from_payload, load_fixed
 
 OPSET = 21
 INSTALL_HINT = 'the ONNX export needs the "onnx" extra: pip install -e ".[onnx]"'
@@ -298,11 +298,11 @@ def _as_model(model_or_payload: Union[nn.Module, Mapping[str, Any], str],
     if isinstance(model_or_payload, nn.Module):
         from mpq.supernet import quant_layers
         if quant_layers(model_or_payload):   # a supernet: its config (BN statistics as they are)
-            from .export import fixed_model
+            from mpq.export import fixed_model
             return fixed_model(model_or_payload, config)
         if not any(isinstance(m, _FixedMixin) for m in model_or_payload.modules()):
             raise ValueError("to_onnx: the model holds no fixed-precision layer; export a supernet "
-                             "configuration first (search.export.fixed_model / load_fixed)")
+                             "configuration first (mpq.export.fixed_model / load_fixed)")
         return model_or_payload
     raise TypeError(f"to_onnx: expected a fixed model, an exported payload or a path, got "
                     f"{type(model_or_payload).__name__}")
@@ -379,8 +379,8 @@ def to_onnx(model_or_payload, path: str, input_shape: Optional[Sequence[int]] = 
             preprocess: Optional[Mapping[str, Any]] = None, metadata: Optional[Mapping[str, Any]] = None,
             encodings_path: Optional[str] = None, opset: int = OPSET,
             config: Optional[Mapping[str, Sequence[int]]] = None) -> Dict[str, Any]:
-    """Write the QDQ ONNX model of a fixed model (a module from :func:`search.export.load_fixed` /
-    :func:`~search.export.fixed_model`, an exported payload dict, the path of a
+    """Write the QDQ ONNX model of a fixed model (a module from :func:`mpq.export.load_fixed` /
+    :func:`~mpq.export.fixed_model`, an exported payload dict, the path of a
     ``model_fixed.pt``, or a supernet with ``config``: its BN statistics are used as they are, so
     re-calibrate shared BN for ``config`` first, e.g. :meth:`search.evaluator.Evaluator.prepare`)
     to ``path`` atomically, and ``encodings_path`` (JSON) when given.

@@ -16,7 +16,7 @@ from mpq.errors import UserError
 from mpq.layers import SwitchableBatchNorm2d
 from mpq.quantizer import LsqQuantizer, integer_codes
 from search.evaluator import evaluate, recalibrate_bn
-from search.export import (fixed_model, FixedConv2d, FixedLinear, export, fixed_payload, float_model_bytes,
+from mpq.export import (fixed_model, FixedConv2d, FixedLinear, export, fixed_payload, float_model_bytes,
                            load_fixed, pack_codes, unpack_codes)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -183,10 +183,25 @@ def test_mpq_export_imports_lazily(tmp_path):
         f"export(net, None, {target!r}, spec={{'model': {{'name': 'small_cnn', 'num_classes': 10, 'in_channels': 1}}}})",
         f"m = load_fixed({target!r})",
         "x = torch.randn(3, 1, 28, 28)",
-        "import search.export",
-        "assert torch.equal(m(x), search.export.fixed_model(net)(x))",
+        "import mpq.export",
+        "assert torch.equal(m(x), mpq.export.fixed_model(net)(x))",
         "print('ok')"])
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr
     assert "ok" in out.stdout
+
+
+def test_search_export_is_a_deprecated_alias_of_mpq_export():
+    """The export moved to mpq.export (mpq never imports search); the old import still works for one
+    release and says where to go."""
+    import importlib
+    import sys
+    import warnings
+    import mpq.export
+    sys.modules.pop("search.export", None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        old = importlib.import_module("search.export")
+    assert any(issubclass(w.category, DeprecationWarning) and "mpq.export" in str(w.message) for w in caught)
+    assert old.load_fixed is mpq.export.load_fixed and old.fixed_model is mpq.export.fixed_model

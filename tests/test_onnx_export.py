@@ -22,7 +22,7 @@ import mpq  # noqa: E402
 from mpq.layers import SwitchableBatchNorm2d  # noqa: E402
 from mpq.supernet import is_pinned  # noqa: E402
 from search.evaluator import Evaluator, evaluate  # noqa: E402
-from search.export import FixedConv2d, FixedLinear, export, fixed_model, load_fixed  # noqa: E402
+from mpq.export import FixedConv2d, FixedLinear, export, fixed_model, load_fixed  # noqa: E402
 from search.onnx_export import OPSET, build_onnx, ort_accuracy, ort_session, to_onnx  # noqa: E402
 
 BITS = (2, 3, 4, 5, 6, 7, 8)
@@ -588,7 +588,7 @@ def test_to_onnx_rejects_float_models(tmp_path):
 def test_to_onnx_from_a_supernet_and_config(tmp_path):
     """search.export.to_onnx(supernet, path, config=...) exports that configuration: the same bytes
     as exporting fixed_model(supernet, config)."""
-    from search.export import to_onnx as export_to_onnx
+    from search.onnx_export import to_onnx as export_to_onnx
     torch.manual_seed(70)
     net = mpq.quantize_model(mpq.models.SmallMobileNet(width=8))
     mpq.calibrate_activations(net, randn(8, [1, 28, 28], seed=71))

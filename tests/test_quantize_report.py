@@ -15,7 +15,7 @@ from mpq.layers import QUANT_LAYERS, SwinWindowAttention, SwinWindowAttentionV2,
 from mpq.quantizer import LsqQuantizer
 from mpq.supernet import LEFT_FLOAT, PINNED, QUANTIZED, quantization_report
 from search.cost import BitOpsCounter
-from search.export import FixedLinear, fixed_from_payload, fixed_model, fixed_payload
+from mpq.export import FixedLinear, fixed_from_payload, fixed_model, fixed_payload
 
 NUM_CLASSES = 5
 WEIGHT_LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear)

@@ -128,3 +128,22 @@ def test_compiled_kernel_matches_eager():
             torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="quant.kernel"):
         set_kernel("fast")
+
+
+def test_step_api_reads_and_sets_one_bit_width():
+    """step_for / set_step / step_sizes are the quantizer's step-size API (no reaching into the dict):
+    setting the 3-bit step changes only it, marks the quantizer initialised (so the first forward
+    keeps it) and the forward then uses it: x = 0.26 at step 0.1 -> 0.3."""
+    q = LsqQuantizer([2, 3, 32], signed=True)
+    assert sorted(q.step_sizes()) == [2, 3]
+    before2 = q.step_for(2).detach().clone()
+    q.set_step(3, 0.1)
+    assert float(q.step_for(3).detach()) == pytest.approx(0.1)
+    assert torch.equal(q.step_for(2).detach(), before2)
+    out = q(torch.tensor([0.26]), 3)
+    assert float(out.detach()) == pytest.approx(0.3)
+    with pytest.raises(KeyError, match="candidates"):
+        q.step_for(4)
+    per_channel = LsqQuantizer([4], signed=True, channels=3, ndim=4)
+    per_channel.set_step(4, torch.tensor([0.1, 0.2, 0.3]))
+    assert per_channel.step_for(4).detach().flatten().tolist() == pytest.approx([0.1, 0.2, 0.3])

@@ -15,7 +15,7 @@ from mpq.checkpoint import atomic_save, build_supernet, load_supernet
 from support import make_checkpoint, tiny_spec as _spec
 from search.cli import heldout_split, main
 from search.evaluator import evaluate
-from search.export import load_fixed
+from mpq.export import load_fixed
 from search.greedy import CostModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
