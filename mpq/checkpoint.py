@@ -25,6 +25,7 @@ from __future__ import annotations
 import glob
 import os
 import pickle
+import random
 import re
 import shutil
 import tempfile
@@ -32,6 +33,7 @@ import warnings
 import zipfile
 from typing import Any, Callable, Dict, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -218,6 +220,15 @@ def describe_state_mismatch(model: nn.Module, state: Dict[str, Any]) -> str:
     return "; ".join(parts) or "no key or shape difference found"
 
 
+def load_state_or_explain(model: nn.Module, state: Dict[str, Any], what: str, hint: str) -> None:
+    """``model.load_state_dict(state)``; on a mismatch one ``UserError``: ``what (the missing /
+    unexpected / mis-shaped keys); hint``."""
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, ValueError, AttributeError):
+        raise UserError(f"{what} ({describe_state_mismatch(model, state)}); {hint}") from None
+
+
 def build_supernet(spec: Dict[str, Any]) -> nn.Module:
     """Recreate the (untrained) supernet described by a checkpoint's ``spec``."""
     from .models import build_model_from_spec
@@ -249,12 +260,8 @@ def load_supernet(path: str) -> Tuple[nn.Module, Dict[str, Any]]:
     state = ckpt["model_ema"] if isinstance(ckpt.get("model_ema"), dict) else ckpt["model"]
     if not isinstance(state, dict):
         raise UserError(f"checkpoint: {path!r} has no state_dict under 'model' (got {type(state).__name__})")
-    try:
-        net.load_state_dict(state)
-    except (RuntimeError, TypeError, ValueError, AttributeError):
-        raise UserError(f"checkpoint: {path!r} does not match its model spec "
-                        f"({describe_state_mismatch(net, state)}); the file was altered or comes from "
-                        f"another mpq version") from None
+    load_state_or_explain(net, state, f"checkpoint: {path!r} does not match its model spec",
+                          "the file was altered or comes from another mpq version")
     spec = ckpt["spec"]
     net.mpq_spec["bn_recalibrate"] = bool(spec.get("bn_recalibrate", spec["quant"].get("bn") == "shared"))
     net.eval()
@@ -361,3 +368,39 @@ def find_latest(run_dir: str, log: Callable[[str], None] = print) -> Optional[Tu
             continue
         return p, ckpt
     return None
+
+
+# ----------------------------------------------------------------------------- RNG state
+def rng_state(gens: Dict[str, torch.Generator], device: torch.device) -> Dict[str, Any]:
+    """All RNG states (torch, this process's CUDA device, NumPy, Python, and the named generators)
+    as plain containers and tensors. Every rank is seeded alike and consumes its RNGs in lockstep,
+    so rank 0's states are every rank's states."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    out = {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "numpy": {"name": str(np_state[0]), "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
+                  "cached_gaussian": float(np_state[4])},
+        "python": {"version": int(py_state[0]), "state": [int(v) for v in py_state[1]],
+                   "gauss": None if py_state[2] is None else float(py_state[2])},
+    }
+    for k, g in gens.items():
+        out[k] = g.get_state()
+    return out
+
+
+def set_rng_state(state: Dict[str, Any], gens: Dict[str, torch.Generator], device: torch.device) -> None:
+    """Restore what :func:`rng_state` saved."""
+    torch.set_rng_state(state["torch"])
+    if torch.is_tensor(state.get("cuda")) and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    for k, g in gens.items():
+        if k in state:
+            g.set_state(state[k])

@@ -2,8 +2,8 @@
 
 A config is a dict of sections (``model``, ``data``, ``quant``, ``train``, ``distill``, ``idm``,
 ``scheduler``, ``r2``, ``quant_noise``, ``aqt``, ``eval``, ``output``, ``dist``) of plain values.
-:func:`load_config` starts from the embedded default (:data:`DEFAULT_YAML`, identical to
-``configs/default.yaml``), merges a YAML file over it, then ``section.key=value`` overrides (values
+:func:`load_config` starts from the embedded default (:data:`DEFAULT_YAML`, read from the package's
+``mpq/default.yaml``; ``configs/default.yaml`` is a link to that one file), merges a YAML file over it, then ``section.key=value`` overrides (values
 parsed as YAML scalars/lists), then validates every key against :data:`SCHEMA`. An unknown key, a
 wrong type or an impossible value raises :class:`mpq.UserError` naming the key, e.g.
 ``train.lr: must be > 0, got -0.1``, before anything is trained.
@@ -19,133 +19,9 @@ import yaml
 from .errors import UserError
 from .quantizer import SUPPORTED_BITS
 
-DEFAULT_YAML = '''# The embedded default: a one-shot mixed-precision supernet of a small MobileNet-style CNN
-# (depthwise-separable blocks) on Fashion-MNIST.
-# Runs on CPU in minutes (`python train.py`); these values are also embedded in mpq/config.py so the
-# default works from any working directory. Every key can be overridden: `python train.py train.epochs=1`.
-model:
-  name: small_mobilenet      # small_mobilenet | small_cnn | resnet20 | efficientnet_lite0 | any torchvision classifier
-  pretrained: null           # local float state_dict to start from (nothing is downloaded)
-  num_classes: null          # null: from the data set
-  width: null                # base channels of small_mobilenet / small_cnn (null: 16 / 8)
-data:
-  name: fashion_mnist        # fashion_mnist | cifar10 | cifar100 | imagenet
-  root: null                 # null: /usr/share/datasets/fashion-mnist (fashion_mnist only)
-  train_subset: 55000        # seeded random subset of the training set (null: all); search.py
-                             # draws its calibration images from the 5000 left out
-  val_subset: null           # held-out subset for the per-epoch evaluation (null: all of it)
-  seed: 0                    # data order and subsets
-  batch_size: 128            # GLOBAL batch size (split across DDP ranks and micro-batches)
-  eval_batch_size: 500
-  workers: 0
-  image_size: 224            # imagenet only
-quant:
-  w_bits: [2, 3, 4, 5, 6]    # candidate weight bit-widths
-  a_bits: [2, 3, 4, 5, 6]    # candidate activation bit-widths
-  keep_8bit: [first, last]   # layers pinned to 8/8 bits: first, last and/or layer names
-  per_channel: true          # per-output-channel weight step sizes
-  bn: shared                 # shared (re-calibrated per config before evaluation) | switchable
-  w_init: mean_abs           # weight step init: mean_abs (LSQ: 2 mean|w| / sqrt(Q_P)) | three_sigma
-                             # (paper: max(|mu - 3 sigma|, |mu + 3 sigma|) / 2^(b-1))
-  grad_scale: true           # LSQ step-size gradient scale g = 1/sqrt(N Q_P) (paper: false)
-  depthwise_bits: null       # candidates (w and a) of depthwise convs (null: w_bits / a_bits; paper MBv2: [3,4,5,6])
-  first_input_bits: 8        # input bits of the first (pinned) layer: 8 | 32 (paper: 32, the image stays float)
-train:
-  epochs: 2
-  optimizer: sgd             # sgd | adamw
-  lr: 0.05                   # peak learning rate (after the linear warm-up)
-  min_lr: 0.0                # cosine floor
-  momentum: 0.9
-  nesterov: true
-  weight_decay: 5.0e-5       # conv/linear weights only (no decay on step sizes, BN, biases)
-  warmup_epochs: 0.2         # linear LR warm-up (fraction of an epoch allowed)
-  num_random: 2              # random configs per step, besides max (and min)
-  order: [max, random, min]  # sampled subnets of a step, in order; min is optional (paper: [max, random])
-  micro_batches: 1           # split each batch into this many gradient-accumulation micro-batches
-  label_smoothing: 0.0
-  grad_clip: null            # max gradient norm (null: off)
-  grad_clip_value: null      # clip every gradient element to [-v, v] (null: off; paper: 1.0)
-  decay_linear: true         # weight decay on Linear weights too (paper: conv weights only)
-  step_optimizer: main       # step sizes in the main optimizer (main) or a separate Adam (adam, paper)
-  step_lr: 1.0e-5            # Adam learning rate of the step sizes (cosine to 0), step_optimizer=adam
-  ema: false                 # keep an EMA of the weights; evaluation and search use it (paper: true)
-  ema_decay: null            # EMA decay per step (null: 1 - 1 / (0.00888 * total steps), the paper's
-                             # 0.9997 horizon as a fraction of its 150-epoch run)
-  qe_weight: 0.0             # quantization-error loss weight at the end of training (paper: 0.1)
-  qe_start: 0.2667           # fraction of training where the QE weight starts its cosine ramp (paper: 40/150)
-  seed: 0                    # model init, config sampling, RNG
-  max_steps: null            # stop after this many steps in total (null: epochs * steps per epoch)
-  resume: false              # false | auto (newest valid checkpoint of this run) | path to a checkpoint
-  device: auto               # auto (cuda when available) | cpu | cuda
-  amp: true                  # mixed precision on GPU (ignored on CPU)
-  amp_dtype: bfloat16        # bfloat16 | float16 (float16 uses a GradScaler)
-  compile: false             # torch.compile the model
-  channels_last: false       # channels_last memory format (GPU convnets)
-distill:
-  enabled: true              # in-place distillation from the max subnet
-  kd_weight: 0.5             # loss = (1 - kd_weight) * CE + kd_weight * KD
-  temperature: 1.0
-idm:
-  enabled: false             # information-distortion mitigation (off in the embedded default: within
-                             # noise at this scale, README "Quality" section 3; the paper's configs turn it on)
-  weight: 0.01               # weight of the feature-alignment MSE on the lowest-bit layers
-  reduction: mean            # mean | sum over the aligned layers (paper: sum)
-  features: post_bn          # post_bn (BN output) | reference (the tensor the paper's hook stores: after
-                             # the in-place ReLU / residual add that follow the BN)
-scheduler:
-  enabled: true              # bit-width freezing scheduler (the paper's rules; README "Quality" section 3)
-  schedule: reference        # reference: the paper's 54 updates at fixed fractions of training (4.7%,
-                             # then every 1.33% to 71.3%, then 79.3/89.3/99.3%) | periodic (below)
-  warmup: 0.1                # periodic: first update (fraction of the total steps)
-  period: 0.1                # periodic: fraction between updates
-  late_period: 0.2           # periodic: period after late_start
-  late_start: 0.7
-  ratio_start: 0.5           # fraction of the scheduled layers frozen, cosine-decayed to ratio_end
-  ratio_end: 0.2
-  round: floor               # layers frozen = floor | ceil (ratio * L)
-  threshold: 0.375
-  measure: allowed           # turbulence over the allowed (paper) | all candidate bit-widths
-  ema: 0.0                   # turbulence EMA decay (0: a snapshot at each update, the paper)
-  which: lowest              # lowest (paper) | most_turbulent: the bit-width a chosen layer loses
-  cumulative: false          # false: at most one bit frozen per layer (paper) | true: one more per update
-  freeze_acts: false         # also drop the lowest activation bit (the paper's ResNet-18 shares w/a lists)
-  observe_every: 10          # steps between turbulence measurements (only when ema > 0)
-r2:
-  enabled: false             # R2 range-restriction loss: loss += weight * R2
-  kind: margin               # linf | margin | softminmax
-  weight: 0.0001
-  eta: 0.01
-  init_margin: null
-  init_temperature: null     # soft-min-max temperature init (null: 10 / std(W_l), scale-aware)
-quant_noise:
-  enabled: false             # Quant-Noise: quantize a random fraction p of weight blocks in training
-  p: 0.5
-  block: 8
-aqt:
-  enabled: false             # calibrate activation clip bounds once from an EMA of the batch max
-  warmup: 0.2                # fraction of training before the calibration
-  warmup_steps: null         # absolute step count instead of warmup (null: from warmup)
-  ema: 0.9
-  freeze: true               # keep the calibrated activation step sizes fixed afterwards
-  float_warmup: true         # activations stay float until the calibration (AQT)
-  per_channel: true          # per-channel statistics (reduced to one bound per layer by the max)
-eval:
-  every_epochs: 1
-  uniform_bits: [2, 3, 4, 5, 6]   # uniform W{b}A{b} configs evaluated besides max and min
-  random_configs: 2          # fixed seeded random configs evaluated
-  bn_recalib_batches: 10     # training batches to re-calibrate BN per config before evaluation
-  recalibrate_switchable: false  # re-estimate switchable BN too, in evaluation and search (paper: true)
-output:
-  dir: runs
-  name: default              # the run folder is <dir>/<name>
-  checkpoint_every: 500      # steps between checkpoints (also at each epoch end); 0: epoch ends only
-  keep_last: 3               # step-numbered checkpoints kept (supernet.pt is always the latest)
-  log_every: 20              # steps between TensorBoard scalars
-  progress: true             # tqdm progress bar (rank 0)
-dist:
-  backend: auto              # auto (nccl on GPU, gloo on CPU) | nccl | gloo
-  timeout_min: 30
-'''
+DEFAULT_CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.yaml")
+with open(DEFAULT_CONFIG_FILE, encoding="utf-8") as _f:  # package data; configs/default.yaml links to it
+    DEFAULT_YAML = _f.read()
 
 
 # ----------------------------------------------------------------------------- schema

@@ -224,9 +224,10 @@ class ResumableDistributedSampler(DistributedSampler):
         return self.num_samples
 
 
-def shard(n: int, env: DistEnv) -> List[int]:
-    """Indices ``rank, rank + world, ...`` of ``range(n)``: an evaluation split without padding."""
-    return list(range(env.rank, n, env.world_size))
+def shard(n: int, rank: int, world: int) -> List[int]:
+    """Indices ``rank, rank + world, ...`` of ``range(n)``: this rank's part of an evaluation split,
+    without padding (every sample is evaluated exactly once over all ranks)."""
+    return list(range(rank, n, world))
 
 
 def ceil_div(a: int, b: int) -> int:

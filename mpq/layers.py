@@ -51,6 +51,18 @@ class QuantMixin:
                                     use_grad_scale=grad_scale)
         self.w_quant.init_from(self.weight.detach())
 
+    @classmethod
+    def from_float(cls, module: nn.Module, w_bits: Sequence[int], a_bits: Sequence[int],
+                   per_channel: bool = True, w_init: str = "mean_abs", grad_scale: bool = True):
+        """The quantized layer of a float Conv2d / Linear: the same geometry, and the same weight and
+        bias Parameters (shared, not copied)."""
+        q = cls.__new__(cls)
+        cls._float_init(q, module)
+        q.weight = module.weight
+        q.bias = module.bias
+        q._init_quant(w_bits, a_bits, per_channel, module.weight.shape[0], w_init, grad_scale)
+        return q
+
     def quantized_weight(self) -> torch.Tensor:
         wq = self.w_quant(self.weight, self.w_bits)
         if self.training and self.quant_noise_p < 1.0 and self.w_bits != FLOAT_BITS:
@@ -78,18 +90,11 @@ class QuantConv2d(QuantMixin, nn.Conv2d):
         super().__init__(*args, **kwargs)
         self._init_quant(w_bits, a_bits, per_channel, self.out_channels)
 
-    @classmethod
-    def from_float(cls, conv: nn.Conv2d, w_bits: Sequence[int], a_bits: Sequence[int],
-                   per_channel: bool = True, w_init: str = "mean_abs",
-                   grad_scale: bool = True) -> "QuantConv2d":
-        q = cls.__new__(cls)
+    @staticmethod
+    def _float_init(q: "QuantConv2d", conv: nn.Conv2d) -> None:
         nn.Conv2d.__init__(q, conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                            conv.padding, conv.dilation, conv.groups, conv.bias is not None,
                            conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
-        q.weight = conv.weight
-        q.bias = conv.bias
-        q._init_quant(w_bits, a_bits, per_channel, conv.out_channels, w_init, grad_scale)
-        return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
@@ -106,17 +111,10 @@ class QuantLinear(QuantMixin, nn.Linear):
         super().__init__(*args, **kwargs)
         self._init_quant(w_bits, a_bits, per_channel, self.out_features)
 
-    @classmethod
-    def from_float(cls, linear: nn.Linear, w_bits: Sequence[int], a_bits: Sequence[int],
-                   per_channel: bool = True, w_init: str = "mean_abs",
-                   grad_scale: bool = True) -> "QuantLinear":
-        q = cls.__new__(cls)
+    @staticmethod
+    def _float_init(q: "QuantLinear", linear: nn.Linear) -> None:
         nn.Linear.__init__(q, linear.in_features, linear.out_features, linear.bias is not None,
                            device=linear.weight.device, dtype=linear.weight.dtype)
-        q.weight = linear.weight
-        q.bias = linear.bias
-        q._init_quant(w_bits, a_bits, per_channel, linear.out_features, w_init, grad_scale)
-        return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)

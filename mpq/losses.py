@@ -39,7 +39,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .quantizer import FLOAT_BITS
-from .supernet import bn_after_conv, quant_layers, unwrap
+from .supernet import bn_after_conv, has_weight_choice, quant_layers, unwrap
 
 R2_KINDS = ("linf", "margin", "softminmax")
 SCALE_AWARE_TEMPERATURE = 10.0   # soft-min-max alpha init = this / std(W_l) when not given
@@ -184,7 +184,7 @@ def lowest_bit_layers(model: nn.Module, config: Mapping[str, Sequence[int]]) -> 
     absent from ``config`` are left out. These are the layers IDM aligns."""
     out = []
     for name, layer in quant_layers(model).items():
-        if len(layer.w_candidates) <= 1 or name not in config:
+        if not has_weight_choice(layer) or name not in config:
             continue
         if int(config[name][0]) == min(layer.w_allowed):
             out.append(name)
@@ -206,7 +206,7 @@ def quantization_error_loss(model: nn.Module) -> torch.Tensor:
     """The quantization-error loss of the active configuration (see the module docstring)."""
     total = None
     for layer in quant_layers(model).values():
-        if len(layer.w_candidates) <= 1 or layer.w_bits >= FLOAT_BITS:
+        if not has_weight_choice(layer) or layer.w_bits >= FLOAT_BITS:
             continue
         b, b_min = int(layer.w_bits), int(min(layer.w_allowed))
         w = layer.weight

@@ -225,7 +225,7 @@ def build_model(name: str, num_classes: int = 1000, in_channels: int = 3,
         if in_channels != 3:
             raise UserError(f"model.in_channels: torchvision models take 3 channels, got {in_channels}")
     if pretrained:
-        from .checkpoint import describe_state_mismatch, safe_load  # one loader: one clear error each
+        from .checkpoint import load_state_or_explain, safe_load  # one loader: one clear error each
         state = safe_load(pretrained, "model.pretrained")  # missing, folder, empty, damaged, pickle payload
         if state.get("format") == "mpq-supernet":
             raise UserError(f"model.pretrained: {pretrained!r} is an mpq supernet checkpoint, not a float "
@@ -234,12 +234,8 @@ def build_model(name: str, num_classes: int = 1000, in_channels: int = 3,
             state = state["state_dict"]
         elif isinstance(state.get("model"), dict):
             state = state["model"]
-        try:
-            model.load_state_dict(state)
-        except (RuntimeError, TypeError, ValueError, AttributeError):
-            raise UserError(f"model.pretrained: {pretrained!r} does not fit model {name!r} "
-                            f"({describe_state_mismatch(model, state)}); give a float state_dict of "
-                            f"that model (torch.save(model.state_dict(), path))") from None
+        load_state_or_explain(model, state, f"model.pretrained: {pretrained!r} does not fit model {name!r}",
+                              "give a float state_dict of that model (torch.save(model.state_dict(), path))")
     return model
 
 

@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from .quantizer import FLOAT_BITS
-from .supernet import quant_layers, unwrap
+from .supernet import has_weight_choice, quant_layers, unwrap
 
 WHICH = ("lowest", "most_turbulent")
 SCHEDULES = ("reference", "periodic")
@@ -87,11 +87,6 @@ def reference_ratio(epoch: int, ratio_start: float = 0.5, ratio_end: float = 0.2
     return ratio_end + (ratio_start - ratio_end) * 0.5 * (1.0 + math.cos(math.pi * j / (epochs // 2)))
 
 
-def _is_pinned(layer: nn.Module) -> bool:
-    """A layer with a single weight candidate (e.g. the 8-bit first/last layers) is never scheduled."""
-    return len(layer.w_candidates) <= 1
-
-
 @torch.no_grad()
 def _turbulence_counts(layer: nn.Module, threshold: float,
                        bits: Optional[Sequence[int]] = None) -> Dict[int, torch.Tensor]:
@@ -120,7 +115,7 @@ def layer_turbulence(layer: nn.Module, threshold: float = 0.375) -> Dict[int, fl
     Uses the layer's own step size ``s_b`` (per tensor or per channel). Pinned layers (a single
     candidate) give ``{}``.
     """
-    if _is_pinned(layer):
+    if not has_weight_choice(layer):
         return {}
     counts = _turbulence_counts(layer, threshold)
     if not counts:
@@ -209,7 +204,7 @@ class BitWidthFreezingScheduler:
     # ------------------------------------------------------------------ helpers
     def _layers(self) -> Dict[str, nn.Module]:
         """The non-pinned quantized layers, in layer order."""
-        return {n: m for n, m in quant_layers(self.model).items() if not _is_pinned(m)}
+        return {n: m for n, m in quant_layers(self.model).items() if has_weight_choice(m)}
 
     def _steps(self, fraction: float) -> int:
         return max(1, int(round(fraction * self.total_steps)))

@@ -27,6 +27,12 @@ def is_pinned(layer: nn.Module) -> bool:
     return len(layer.w_candidates) == 1 and len(layer.a_candidates) == 1
 
 
+def has_weight_choice(layer: nn.Module) -> bool:
+    """A layer whose weight bit-width can change (more than one weight candidate): only such a layer
+    is scheduled (bit-width freezing) and gets the IDM / quantization-error losses."""
+    return len(layer.w_candidates) > 1
+
+
 def is_depthwise(layer: nn.Module) -> bool:
     """A depthwise conv: one input channel per group (``weight.shape[1] == 1``) and several groups."""
     return isinstance(layer, nn.Conv2d) and layer.groups > 1 and layer.weight.shape[1] == 1

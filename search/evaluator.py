@@ -32,6 +32,7 @@ from torch.utils.data import Dataset, Subset
 from mpq.batchnorm import (DEFAULT_BATCH_SIZE, DEFAULT_BN_BATCHES, Batch, Data, _device_of,  # noqa: F401
                            _split, batch_stat_bn, bn_modules_in_use, make_loader, recalibrate_bn,
                            uses_shared_bn)
+from mpq.distributed import shard as shard_indices
 from mpq.supernet import set_bits, unwrap
 
 DEFAULT_PROXY_BATCHES = 4
@@ -99,7 +100,7 @@ def shard(dataset: Dataset, rank: Optional[int] = None, world: Optional[int] = N
     world = w if world is None else world
     if world <= 1:
         return dataset
-    return Subset(dataset, list(range(rank, len(dataset), world)))
+    return Subset(dataset, shard_indices(len(dataset), rank, world))
 
 
 def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

@@ -14,8 +14,13 @@ from mpq.config import DEFAULT_YAML, SCHEMA, dump_config, load_config, validate
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_embedded_default_equals_configs_default_yaml():
-    with open(os.path.join(ROOT, "configs", "default.yaml"), encoding="utf-8") as f:
+def test_embedded_default_is_the_one_default_yaml():
+    """One copy: configs/default.yaml is a link to the package's mpq/default.yaml, which is what the
+    embedded default reads."""
+    from mpq.config import DEFAULT_CONFIG_FILE
+    link = os.path.join(ROOT, "configs", "default.yaml")
+    assert os.path.realpath(link) == os.path.realpath(DEFAULT_CONFIG_FILE)
+    with open(link, encoding="utf-8") as f:
         assert f.read() == DEFAULT_YAML
 
 

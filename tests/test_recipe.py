@@ -21,7 +21,8 @@ from mpq.ema import ModelEma, ema_decay_for
 from mpq.losses import (FeatureTap, R2Loss, idm_feature_loss, lowest_bit_layers, qe_weight_at,
                         quantization_error_loss)
 from mpq.supernet import is_depthwise, is_pinned, quant_layers
-from mpq.trainer import Trainer, lr_at
+from mpq.optim import lr_at
+from mpq.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "configs", "recipe_paper.yaml")

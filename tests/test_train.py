@@ -11,7 +11,8 @@ from mpq.checkpoint import load_supernet
 from mpq.errors import UserError
 from mpq.config import load_config
 from mpq.supernet import quant_layers
-from mpq.trainer import Trainer, lr_at
+from mpq.optim import lr_at
+from mpq.trainer import Trainer
 
 import support
 
