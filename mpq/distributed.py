@@ -1,19 +1,20 @@
-"""Distributed training helpers: process-group set-up from the ``torchrun`` environment, gradient
-all-reduce, a resumable ``DistributedSampler`` and small collective utilities.
+"""Distributed training helpers: process-group set-up from the ``torchrun`` environment, the DDP
+wrapper, gradient all-reduce of parameters outside the model, a resumable ``DistributedSampler`` and small collective utilities.
 
 Design (see also :mod:`mpq.trainer`):
 
 * Rank, world size and local rank come from the environment variables ``RANK``, ``WORLD_SIZE`` and
   ``LOCAL_RANK`` that ``torchrun`` sets -- never from a command-line argument. Without them the same
   code runs as a single process (world size 1) and every collective is a no-op.
-* The supernet is NOT wrapped in ``DistributedDataParallel``. A training step runs several subnets
-  (max, min, random configs) whose backward passes accumulate into the shared weights; the step
-  sizes of bit-widths that no subnet sampled get no gradient at all. Instead of DDP with
-  ``find_unused_parameters=True`` and ``no_sync()``, the trainer all-reduces (averages) the
-  accumulated gradients of every parameter that has one, once per step, right before the optimizer
-  step (:func:`all_reduce_gradients`). Every rank samples the same configurations, so the set of
-  parameters with a gradient is the same on every rank and the buckets line up. Parameters without
-  a gradient stay ``None`` and the optimizer skips them, exactly as in a single process.
+* The supernet is wrapped in ``DistributedDataParallel`` (:func:`wrap_ddp`) with
+  ``find_unused_parameters=True``: a training step runs several subnets (max, random configs, min)
+  whose backward passes accumulate into the shared weights, and the step sizes of bit-widths that
+  no subnet sampled get no gradient at all. Every backward but the step's last runs under
+  ``no_sync()``, so the gradients are all-reduced (averaged) once per step, bucket by bucket,
+  overlapped with the last backward. Every rank samples the same configurations, so the parameters
+  with a gradient are the same on every rank; a parameter no subnet used keeps ``grad=None`` and the
+  optimizer skips it, exactly as in a single process. ``broadcast_buffers=False``: each rank keeps
+  its BatchNorm statistics, averaged before an evaluation or a checkpoint (:func:`average_buffers`).
 * Parameters and buffers are broadcast from rank 0 once after initialisation
   (:func:`broadcast_module`), so every rank starts from the same weights and activation step sizes.
 """
@@ -142,6 +143,16 @@ def all_reduce_gradients(params: Iterable[nn.Parameter], env: DistEnv,
             n = g.numel()
             g.copy_(flat[offset:offset + n].view_as(g))
             offset += n
+
+
+def wrap_ddp(module: nn.Module, env: DistEnv) -> Optional[nn.Module]:
+    """``DistributedDataParallel`` around ``module`` for training (``None`` in a single process)."""
+    if not env.distributed:
+        return None
+    from torch.nn.parallel import DistributedDataParallel
+    device_ids = [env.device.index] if env.device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=True,
+                                   broadcast_buffers=False)
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ One training step (global batch ``B``, split across ``W`` ranks and ``K`` micro-
                                                    the max subnet's logits/features are the teacher
             (loss / K).backward()                  gradients accumulate into the shared weights; only
                                                    the step sizes of the sampled bit-widths get one
-    all-reduce (average) the gradients over ranks; [clip]; optimizer step(s) (mpq.optim);
+    gradients averaged over ranks by DDP during the last backward; [clip]; optimizer step(s) (mpq.optim);
     [model EMA update]; bit-width freezing scheduler step (mpq.scheduler); [AQT calibration]
 
 The parts live in their own modules: set-up (:mod:`mpq.train_setup`), sampling and losses
@@ -18,7 +18,7 @@ The parts live in their own modules: set-up (:mod:`mpq.train_setup`), sampling a
 evaluation (:mod:`mpq.evaluation`), the run's records (:mod:`mpq.runlog`), the checkpointed state
 (:mod:`mpq.train_state`, :mod:`mpq.checkpoint`). Evaluation (and search, through the checkpoint's
 ``model_ema``) uses the EMA model when ``train.ema`` is on. See :mod:`mpq.distributed` for why the
-model is not wrapped in DistributedDataParallel.
+model is wrapped in DistributedDataParallel (one all-reduce per step, in the last backward).
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ import torch
 from . import checkpoint as ckpt_io
 from .config import dump_config
 from .distributed import (DistEnv, all_reduce_gradients, all_reduce_max, all_reduce_sum, any_rank,
-                          average_buffers, barrier, cleanup, init_distributed)
+                          average_buffers, barrier, cleanup, init_distributed, wrap_ddp)
 from .errors import UserError
 from .evaluation import evaluate_configs
 from .optim import build_optimizers, set_learning_rates
@@ -107,7 +107,10 @@ class Trainer:
         self.total_steps = min(total, t["max_steps"]) if t["max_steps"] else total
         self.warmup_steps = int(round(t["warmup_epochs"] * self.steps_per_epoch))
         self.net, self.spec = build_training_supernet(cfg, self.info, self.device, self.env, data.calib_batch)
-        self.model = torch.compile(self.net) if t["compile"] else self.net
+        self.model = torch.compile(self.net) if t["compile"] else self.net   # evaluation
+        self.ddp = wrap_ddp(self.net, self.env)   # gradient all-reduce overlapped with the last backward
+        self.train_model = self.model if self.ddp is None else (
+            torch.compile(self.ddp) if t["compile"] else self.ddp)
         parts = build_components(cfg, self.net, self.total_steps, self.device)
         self.ema, self.r2, self.tap, self.bit_sched, self.aqt = (parts.ema, parts.r2, parts.tap,
                                                                  parts.bit_sched, parts.aqt)
@@ -186,6 +189,10 @@ class Trainer:
             return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
         return nullcontext()
 
+    def _no_sync(self, skip: bool):
+        """DDP's ``no_sync()`` (gradients accumulate locally) for every pass but a step's last."""
+        return self.ddp.no_sync() if skip and self.ddp is not None else nullcontext()
+
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
         return to_device(x, self.device, self.cfg["train"]["channels_last"])
 
@@ -212,31 +219,35 @@ class Trainer:
         counts: Dict[str, int] = {}
         idm = self.subnet_loss.idm_weight > 0
         qe_w = self.qe_weight()
+        passes = k * len(configs)
         for m in range(k):
             xm, ym = (x, y) if k == 1 else (x[m::k], y[m::k])
             teacher, t_feats = None, None
-            for kind, c in configs:
+            for i, (kind, c) in enumerate(configs):
                 set_bits(net, c)
                 if self.tap is not None:
                     self.tap.clear()
                     self.tap.enabled = idm
-                with self._autocast():
-                    logits = self.model(xm)
-                    features = self.tap.features if idm else None
-                    loss = self.subnet_loss(kind, logits, ym, net, c, teacher, features, t_feats, qe_w)
-                    if kind == "max":   # the teacher of the other subnets of this micro-batch
-                        teacher = logits.detach()
-                        if idm:
-                            t_feats = {n: f.detach() for n, f in features.items()}
-                if self.tap is not None:
-                    self.tap.enabled = False
-                    self.tap.clear()
-                self.scaler.scale(loss / k).backward()
+                last_pass = m * len(configs) + i == passes - 1   # DDP all-reduces in this backward
+                with self._no_sync(not last_pass):
+                    with self._autocast():
+                        logits = self.train_model(xm)
+                        features = self.tap.features if idm else None
+                        loss = self.subnet_loss(kind, logits, ym, net, c, teacher, features, t_feats, qe_w)
+                        if kind == "max":   # the teacher of the other subnets of this micro-batch
+                            teacher = logits.detach()
+                            if idm:
+                                t_feats = {n: f.detach() for n, f in features.items()}
+                    if self.tap is not None:
+                        self.tap.enabled = False
+                        self.tap.clear()
+                    self.scaler.scale(loss / k).backward()
                 sums[kind] = sums.get(kind, 0.0) + loss.detach().float()
                 counts[kind] = counts.get(kind, 0) + 1
             del teacher, t_feats
-        params = list(net.parameters()) + (list(self.r2.parameters()) if self.r2 is not None else [])
-        all_reduce_gradients(params, self.env)
+        r2_params = list(self.r2.parameters()) if self.r2 is not None else []
+        all_reduce_gradients(r2_params, self.env)   # outside the DDP module
+        params = list(net.parameters()) + r2_params
         if t["grad_clip"] or t["grad_clip_value"]:
             for o in opts:
                 self.scaler.unscale_(o)

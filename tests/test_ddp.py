@@ -33,14 +33,17 @@ def overrides(out_dir, name, *extra):
             "scheduler.observe_every=1", *extra]
 
 
-def _worker(rank, world, port, out_dir):
+def _worker(rank, world, port, out_dir, extra=()):
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(1)
-    tr = Trainer(load_config(None, overrides(out_dir, "ddp")))
+    tr = Trainer(load_config(None, overrides(out_dir, "ddp", *extra)))
+    wrapper = type(tr.ddp).__name__
     metrics = tr.fit()
     params = {n: p.detach().clone() for n, p in tr.net.named_parameters()}
-    torch.save({"params": params, "metrics": metrics, "world": tr.env.world_size},
+    if tr.r2 is not None:
+        params.update({f"r2.{n}": p.detach().clone() for n, p in tr.r2.named_parameters()})
+    torch.save({"params": params, "metrics": metrics, "world": tr.env.world_size, "wrapper": wrapper},
                os.path.join(out_dir, f"rank{rank}.pt"))
 
 
@@ -54,11 +57,17 @@ def clean_env(monkeypatch):
     torch.set_num_threads(n)
 
 
-def test_two_ranks_match_each_other_and_a_single_process(tmp_path, clean_env):
-    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("extra", [(), ("idm.enabled=true", "r2.enabled=true", "r2.weight=0.01",
+                                          "train.order=[max, random, min]")], ids=["default", "idm-r2-min"])
+def test_two_ranks_match_each_other_and_a_single_process(tmp_path, clean_env, extra):
+    """The model is wrapped in DistributedDataParallel (no_sync for all but a step's last backward):
+    2 ranks x 16 samples equal 1 process x 2 micro-batches of 16, parameter by parameter (also the
+    step sizes no subnet sampled, and the R2 parameters outside the DDP module)."""
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path), extra), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert r0["world"] == r1["world"] == 2
+    assert r0["wrapper"] == "DistributedDataParallel"
     for n in r0["params"]:
         assert torch.equal(r0["params"][n], r1["params"][n]), n
     assert r0["metrics"]["acc"] == r1["metrics"]["acc"]  # metrics reduced across ranks
@@ -66,10 +75,15 @@ def test_two_ranks_match_each_other_and_a_single_process(tmp_path, clean_env):
     net, ckpt = load_supernet(str(tmp_path / "ddp" / "supernet.pt"))
     assert ckpt["train_state"]["world_size"] == 2 and ckpt["train_state"]["global_step"] == 3
 
-    single = Trainer(load_config(None, overrides(str(tmp_path), "single", "train.micro_batches=2")))
+    single = Trainer(load_config(None, overrides(str(tmp_path), "single", "train.micro_batches=2", *extra)))
+    assert single.ddp is None
     single.fit()
     assert single.env.world_size == 1
-    diffs = {n: (p.detach() - r0["params"][n]).abs().max().item() for n, p in single.net.named_parameters()}
+    mine = {n: p for n, p in single.net.named_parameters()}
+    if single.r2 is not None:
+        mine.update({f"r2.{n}": p for n, p in single.r2.named_parameters()})
+    assert set(mine) == set(r0["params"])
+    diffs = {n: (p.detach() - r0["params"][n]).abs().max().item() for n, p in mine.items()}
     worst = max(diffs, key=diffs.get)
     assert diffs[worst] < 1e-4, (worst, diffs[worst])
     moved = [n for n, p in single.net.named_parameters() if n.endswith(".weight")]
