@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Unio
 
 import yaml
 
+from .data import DATA_SETS
 from .errors import UserError
 from .quantizer import SUPPORTED_BITS
 
@@ -76,6 +77,14 @@ def _order(v):
     return None
 
 
+def _positive_ints(n):
+    def check(v):
+        if len(v) != n or any(x <= 0 for x in v):
+            return f"must be {n} positive integers, got {v!r}"
+        return None
+    return check
+
+
 def _first_input_bits(v):
     return None if v in (8, 32) else f"must be 8 or 32, got {v!r}"
 
@@ -88,7 +97,7 @@ SCHEMA: Dict[str, Dict[str, Field]] = {
         "width": Field("int", "base channels of small_mobilenet / small_cnn (null: 16 / 8)", nullable=True, check=_ge(1)),
     },
     "data": {
-        "name": Field("str", "data set", choices=("fashion_mnist", "cifar10", "cifar100", "imagenet")),
+        "name": Field("str", "data set", choices=DATA_SETS),
         "root": Field("str", "local data folder", nullable=True),
         "train_subset": Field("int", "seeded training subset size (null: all)", nullable=True, check=_gt(0)),
         "val_subset": Field("int", "held-out subset size (null: all)", nullable=True, check=_gt(0)),
@@ -97,6 +106,9 @@ SCHEMA: Dict[str, Dict[str, Field]] = {
         "eval_batch_size": Field("int", "evaluation batch size", check=_gt(0)),
         "workers": Field("int", "DataLoader workers per process", check=_in(0, MAX_WORKERS)),
         "image_size": Field("int", "ImageNet crop size", check=_gt(0)),
+        "synthetic_shape": Field("int_list", "synthetic: C, H, W of the random images", check=_positive_ints(3)),
+        "synthetic_classes": Field("int", "synthetic: number of classes", check=_ge(2)),
+        "synthetic_size": Field("int_list", "synthetic: training and held-out samples", check=_positive_ints(2)),
     },
     "quant": {
         "w_bits": Field("bits", "candidate weight bit-widths"),

@@ -1,5 +1,5 @@
 """Data sets: the embedded Fashion-MNIST (Debian's ``dataset-fashion-mnist``), CIFAR-10/100 and
-ImageNet from local folders. Nothing is downloaded."""
+ImageNet from local folders, and seeded synthetic images. Nothing is downloaded."""
 from __future__ import annotations
 
 import gzip
@@ -7,7 +7,7 @@ import os
 import pickle
 import zlib
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Any, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -15,6 +15,8 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 from .errors import UserError
 
+DATA_SETS = ("fashion_mnist", "cifar10", "cifar100", "imagenet", "synthetic")
+SYNTHETIC_DEFAULTS = {"shape": (3, 32, 32), "classes": 10, "size": (50000, 10000)}
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -26,7 +28,32 @@ CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def preprocess_of(name: str, image_size: int = 224) -> dict:
+class SyntheticImages(Dataset):
+    """Seeded random images and labels, for machines without data sets (speed and GPU checks).
+
+    Sample ``i`` of a split is ``x = 0.5 * prototype[y_i] + N(0, 1)`` of shape ``(C, H, W)``, with
+    ``y_i`` uniform over the classes and one fixed random prototype per class, so a model can learn
+    something; everything follows from ``seed`` (and the split), and images are made on demand."""
+
+    def __init__(self, size: int, shape: Sequence[int], classes: int, seed: int, split: str) -> None:
+        self.size, self.shape, self.classes = int(size), tuple(int(v) for v in shape), int(classes)
+        self.seed = int(seed) * 2 + (0 if split == "train" else 1)
+        proto_gen = torch.Generator().manual_seed(int(seed))  # the same classes in both splits
+        self.prototypes = torch.randn((self.classes, *self.shape), generator=proto_gen)
+        self.targets = torch.randint(self.classes, (self.size,), generator=torch.Generator().manual_seed(self.seed))
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < self.size:
+            raise IndexError(i)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(i))
+        y = int(self.targets[i])
+        return 0.5 * self.prototypes[y] + torch.randn(self.shape, generator=g), y
+
+
+def preprocess_of(name: str, image_size: int = 224, synthetic_shape: Sequence[int] = (3, 32, 32)) -> dict:
     """What a deployed model expects of its input, torchvision's convention: pixels scaled to [0, 1],
     then ``(x - mean) / std`` per channel, NCHW float32 of ``input_size`` = [C, H, W] (ImageNet: the
     shorter side resized to ``resize``, then a ``center_crop``)."""
@@ -38,8 +65,10 @@ def preprocess_of(name: str, image_size: int = 224) -> dict:
         return {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
                 "input_size": [3, image_size, image_size], "resize": int(image_size * 256 / 224),
                 "center_crop": int(image_size)}
-    raise UserError(f"data.name: unknown data set {name!r}; allowed: ['fashion_mnist', 'cifar10', "
-                    f"'cifar100', 'imagenet']")
+    if name == "synthetic":   # the images are already standardised
+        c = int(synthetic_shape[0])
+        return {"mean": [0.0] * c, "std": [1.0] * c, "input_size": [int(v) for v in synthetic_shape]}
+    raise UserError(f"data.name: unknown data set {name!r}; allowed: {list(DATA_SETS)}")
 
 
 @dataclass
@@ -159,9 +188,17 @@ def seeded_subset(ds: Dataset, size: Optional[int], seed: int) -> Dataset:
 
 
 def build_datasets(name: str, root: Optional[str] = None, train_subset: Optional[int] = None,
-                   val_subset: Optional[int] = None, seed: int = 0, image_size: int = 224) -> DataInfo:
-    """Train / held-out datasets by name: ``fashion_mnist``, ``cifar10``, ``cifar100``, ``imagenet``."""
-    if name == "fashion_mnist":
+                   val_subset: Optional[int] = None, seed: int = 0, image_size: int = 224,
+                   synthetic: Optional[Mapping[str, Any]] = None) -> DataInfo:
+    """Train / held-out datasets by name (:data:`DATA_SETS`). ``synthetic``: ``{"shape", "classes",
+    "size": [train, val]}`` of ``name="synthetic"`` (defaults: 3x32x32, 10, 50000/10000)."""
+    if name == "synthetic":
+        sy = dict(SYNTHETIC_DEFAULTS, **{k: v for k, v in (synthetic or {}).items() if v is not None})
+        shape, classes = [int(v) for v in sy["shape"]], int(sy["classes"])
+        train = SyntheticImages(sy["size"][0], shape, classes, seed, "train")
+        val = SyntheticImages(sy["size"][1], shape, classes, seed, "val")
+        info = (classes, shape[0], (1, *shape))
+    elif name == "fashion_mnist":
         root = root or FASHION_MNIST_DIR
         train, val = fashion_mnist(root, "train"), fashion_mnist(root, "test")
         info = (10, 1, (1, 1, 28, 28))
@@ -182,11 +219,17 @@ def build_datasets(name: str, root: Optional[str] = None, train_subset: Optional
                             f"({len(train.classes)} vs {len(val.classes)}; e.g. {only[:3]}); both need the same classes")
         info = (len(train.classes), 3, (1, 3, image_size, image_size))
     else:
-        raise UserError(f"data.name: unknown data set {name!r}; allowed: ['fashion_mnist', 'cifar10', "
-                        f"'cifar100', 'imagenet']")
+        raise UserError(f"data.name: unknown data set {name!r}; allowed: {list(DATA_SETS)}")
     for key, size, ds in (("train_subset", train_subset, train), ("val_subset", val_subset, val)):
         if size and size > len(ds):
             raise UserError(f"data.{key}: {size} is larger than the {name} "
                             f"{'training' if key == 'train_subset' else 'held-out'} set ({len(ds)} "
                             f"samples); use at most {len(ds)} or null for all of it")
     return DataInfo(seeded_subset(train, train_subset, seed), seeded_subset(val, val_subset, seed + 1), *info)
+
+
+def synthetic_of(data_cfg: Mapping[str, Any]) -> dict:
+    """The ``synthetic`` argument of :func:`build_datasets` from a config's ``data`` section (also an
+    older checkpoint's, which has no such keys: the defaults)."""
+    return {"shape": data_cfg.get("synthetic_shape"), "classes": data_cfg.get("synthetic_classes"),
+            "size": data_cfg.get("synthetic_size")}

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from . import checkpoint as ckpt_io
-from .data import build_datasets
+from .data import build_datasets, synthetic_of
 from .distributed import DistEnv, ResumableDistributedSampler, any_rank, broadcast_module, shard
 from .errors import UserError
 from .models import LOCAL_MODELS, WIDTH_MODELS, build_model
@@ -131,7 +131,7 @@ def build_train_data(cfg: Dict[str, Any], env: DistEnv, loader_gen: torch.Genera
                         f"by world size x train.micro_batches = {world} x {t['micro_batches']}")
     rank_batch = d["batch_size"] // world
     info = build_datasets(d["name"], d["root"], d["train_subset"], d["val_subset"], d["seed"],
-                          d["image_size"])
+                          d["image_size"], synthetic=synthetic_of(d))
     # seeded here, before anything below draws (a training transform of the calibration images, the
     # model init): the same init and RNG streams on every rank
     seed_everything(t["seed"])
