@@ -98,7 +98,7 @@ PTQ_A_BITS = 8
 def default_settings() -> Dict[str, Any]:
     """The benchmark's settings; training ones default to the embedded default (mpq.config)."""
     from mpq.config import default_config
-    from search.cli import DEFAULT_CALIB_SIZE
+    from search.options import SearchOptions
     d = default_config()
     return {
         "model": d["model"]["name"],
@@ -109,7 +109,7 @@ def default_settings() -> Dict[str, Any]:
         "val_subset": None,            # test images evaluated (None: all 10000)
         "repeats": 3,
         "seed0": 0,
-        "calib_size": DEFAULT_CALIB_SIZE,   # search calibration images (search.py's --calib-size)
+        "calib_size": SearchOptions.calib_size,   # search calibration images (search.py's --calib-size)
         "bn_batches": 8,               # BN re-calibration batches (of 256 training images)
         "ptq_calib_batches": 2,        # activation step-size calibration batches for PTQ
         "path_points": 12,             # searched-path points evaluated on the test set (for the plot)
@@ -167,13 +167,13 @@ def verdict(diffs: Sequence[float]) -> str:
 
 # ============================================================================ data / evaluation
 class EvalData:
-    """The fixed data of one seed, split as ``search.py`` splits it (``search.cli.split_data``):
+    """The fixed data of one seed, split as ``search.py`` splits it (``search.data.split_data``):
     the search calibration set (training images left out of ``train_subset``, else a part of the
     held-out split), the held-out test batches (disjoint from calibration) and the BN re-calibration
     batches (training images)."""
 
     def __init__(self, s: Dict[str, Any], seed: int) -> None:
-        from search.cli import split_data
+        from search.data import split_data
         from search.evaluator import take_batches
         info = build_datasets("fashion_mnist", train_subset=s["train_subset"], seed=seed)
         split = split_data(info, s["calib_size"], s["val_subset"] or 0, 256 * s["bn_batches"], seed)
@@ -300,7 +300,7 @@ def task_supernet(s: Dict[str, Any], variant: str, seed: int, do_search: bool) -
                 "frozen_at_end": {n: [b for b in m.w_candidates if b not in m.w_allowed]
                                   for n, m in quant_layers(net).items()},
                 "uniform": {}})
-    from search.greedy import CostModel
+    from search.cost import CostModel
     cost = CostModel(net, data.input_size)
     for b in UNIFORM_BITS:
         try:
@@ -321,14 +321,12 @@ def task_supernet(s: Dict[str, Any], variant: str, seed: int, do_search: bool) -
         path = [{"index": st.index, "config": cfg_json(st.config), "bitops": cost.bitops(st.config),
                  "calib_acc": 100.0 * st.result.get("acc", float("nan")),
                  "calib_loss": st.result.get("loss", float("nan"))} for st in res.path]
-        # calibration results of the uniform configs (search.py's candidates besides the path)
-        uniform_cal = []
-        for b in UNIFORM_BITS:
-            c = uniform_config(net, b, b)
-            r = ev.exact(c)
-            uniform_cal.append({"bits": b, "label": f"W{b}A{b}", "config": c, "bitops": cost.bitops(c),
-                                "acc": r["acc"], "loss": r["loss"]})
-        pick_config = _search_pick_config()
+        # calibration results of the uniform configs (search.py's candidates besides the path), and
+        # search.py's pick rule with its defaults over them and the path
+        from search.options import SearchOptions
+        from search.select import Picker, uniform_candidates
+        uniform_cal = uniform_candidates(net, ev, cost, UNIFORM_BITS)
+        picker = Picker(net, ev, cost, res.path, uniform_cal, SearchOptions())
         # test accuracy per config, measured once (the uniform ones are measured above)
         test_memo: Dict[Tuple, float] = {cfg_key(uniform_config(net, b, b)): out["uniform"][str(b)]["acc"]
                                          for b in UNIFORM_BITS}
@@ -362,25 +360,16 @@ def task_supernet(s: Dict[str, Any], variant: str, seed: int, do_search: bool) -
             # what search.py returns for this budget, with its defaults: the best path point or
             # uniform config by calibration loss, refined by bidirectional moves in the budget, kept
             # only if it beats the largest fitting uniform config by --margin standard errors
-            if pick_config is not None:
-                try:
-                    from search.cli import (DEFAULT_MARGIN, DEFAULT_REFINE_ITERS, DEFAULT_REFINE_MARGIN,
-                                            DEFAULT_REFINE_TOP_K)
-                    from search.greedy import refine_supernet
-
-                    def refine(c, fit=fit):
-                        return refine_supernet(net, ev, cost, c, fit, top_k=DEFAULT_REFINE_TOP_K,
-                                               max_iters=DEFAULT_REFINE_ITERS,
-                                               margin=DEFAULT_REFINE_MARGIN)
-                    chosen_cli = pick_config(res.path, uniform_cal, fit, ev, "loss", DEFAULT_MARGIN, refine)
-                except Exception as e:  # noqa: BLE001 - the search side's API changed: say so
-                    info["cli_pick_error"] = f"{type(e).__name__}: {e}"
-                else:
-                    c = cfg_tuple(chosen_cli["config"])
-                    info["cli_pick"] = {"config": cfg_json(c), "bitops": cost.bitops(c), "acc": test_of(c),
-                                        "source": chosen_cli.get("source"),
-                                        "z_vs_uniform": chosen_cli.get("z_vs_uniform"),
-                                        "is_uniform": any(c == cfg_tuple(u["config"]) for u in uniform_cal)}
+            try:
+                chosen_cli = picker.pick(fit, "bitops", budget)
+            except Exception as e:  # noqa: BLE001 - a failing pick costs its row, not the run: say so
+                info["cli_pick_error"] = f"{type(e).__name__}: {e}"
+            else:
+                c = cfg_tuple(chosen_cli["config"])
+                info["cli_pick"] = {"config": cfg_json(c), "bitops": cost.bitops(c), "acc": test_of(c),
+                                    "source": chosen_cli.get("source"),
+                                    "z_vs_uniform": chosen_cli.get("z_vs_uniform"),
+                                    "is_uniform": any(c == cfg_tuple(u["config"]) for u in uniform_cal)}
             out["budgets"][str(b)] = info
         # test accuracy of evenly spaced path points (plus the chosen ones) for the Pareto plot
         n = len(path)
@@ -394,15 +383,6 @@ def task_supernet(s: Dict[str, Any], variant: str, seed: int, do_search: bool) -
     return out
 
 
-def _search_pick_config():
-    """``search.cli.pick_config`` (how search.py picks the config for a budget), if it exists."""
-    try:
-        from search.cli import pick_config
-    except ImportError:
-        return None
-    return pick_config
-
-
 def task_qat(s: Dict[str, Any], seed: int, label: str, config: Optional[Dict[str, List[int]]],
              bits: Optional[int]) -> Dict[str, Any]:
     """Standalone QAT of one config (``config``, or uniform ``bits``) for the same epochs."""
@@ -412,7 +392,7 @@ def task_qat(s: Dict[str, Any], seed: int, label: str, config: Optional[Dict[str
                                                "scheduler.enabled=false"], fixed=fixed)
     data = EvalData(s, seed)
     ev = data.evaluator(tr.net)
-    from search.greedy import CostModel
+    from search.cost import CostModel
     c = tr.fixed_config
     out.update({"task": "qat", "label": label, "seed": seed, "config": cfg_json(c), "test_size": data.test_size,
                 "bitops": CostModel(tr.net, data.input_size).bitops(c), "acc": data.test_acc(ev, c)})

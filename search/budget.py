@@ -12,13 +12,18 @@ Rules (no spaces allowed inside a budget):
 
 Everything else (``"3 GB"``, ``"-1"``, ``"abc"``, ``"0"``, ``""``) raises :class:`mpq.errors.UserError`
 naming the value and the accepted formats.
+
+A :class:`Target` is what the search answers: one or more budgets that must all hold together
+(``--budget 22.8G --budget-size 2.5MB``), resolved against a supernet's cost model (a ratio becomes
+BitOPs); :func:`budget_targets`, :func:`default_target` and :func:`check_reachable` turn the
+command line's budgets into targets and refuse the ones no configuration can meet.
 """
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from mpq.errors import UserError
 
@@ -135,3 +140,81 @@ def format_bytes(value: float) -> str:
         if abs(value) >= scale:
             return f"{value / scale:.4g}{unit}"
     return f"{value:.4g}B"
+
+
+# ------------------------------------------------------------------------------------------- targets
+@dataclass
+class Target:
+    """One budget to answer: all of its constraints must hold. ``max_bitops`` / ``max_size``
+    (bytes) are the tightest of the given budgets of each kind (``None``: unconstrained);
+    ``label`` names it in logs and in config.json."""
+
+    label: str
+    max_bitops: Optional[float] = None
+    max_size: Optional[float] = None
+    budgets: List[Budget] = field(default_factory=list)
+
+    def add(self, b: Budget, cost) -> None:
+        """Add the constraint ``b``; a ratio is resolved against ``cost.uniform8_bitops()``."""
+        if b.kind == "size":
+            self.max_size = b.value if self.max_size is None else min(self.max_size, b.value)
+        else:
+            value = b.value * cost.uniform8_bitops() if b.kind == "ratio" else b.value
+            self.max_bitops = value if self.max_bitops is None else min(self.max_bitops, value)
+        self.budgets.append(b)
+
+    def fits(self, cost, config) -> bool:
+        return ((self.max_bitops is None or cost.bitops(config) <= self.max_bitops)
+                and (self.max_size is None or cost.size_bytes(config) <= self.max_size))
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"text": self.label, "bitops": self.max_bitops, "size_bytes": self.max_size,
+                "given": [{"kind": b.kind, "value": b.value, "text": b.text} for b in self.budgets]}
+
+
+def budget_targets(single: Sequence[Budget], listed: Sequence[Budget], cost) -> List[Target]:
+    """The targets of the given budgets: each of ``listed`` (``--budgets``) alone, or ``single``
+    (``--budget``, ``--budget-size``, ``--budget-ratio``) together as one; ``[]`` when none is given."""
+    groups = [[b] for b in listed] if listed else ([list(single)] if single else [])
+    targets = []
+    for group in groups:
+        t = Target(",".join(b.text for b in group))
+        for b in group:
+            t.add(b, cost)
+        targets.append(t)
+    return targets
+
+
+def default_target(w3a3_bitops: Optional[float], min_bitops: float, max_bitops: float, cost) -> Target:
+    """The target when no budget is given: the BitOPs of uniform W3A3 (``w3a3_bitops``; ``None``
+    when 3 bits is not a candidate of every layer), else the geometric middle of the achievable
+    BitOPs range."""
+    if w3a3_bitops is not None:
+        value = w3a3_bitops
+        t = Target(f"W3A3 BitOPs ({format_bitops(value)})")
+    else:
+        value = math.sqrt(min_bitops * max_bitops)
+        t = Target(f"default ({format_bitops(value)})")
+    t.add(Budget("bitops", value, t.label), cost)
+    return t
+
+
+def check_reachable(targets: Sequence[Target], min_bitops: float, min_size: float, max_bitops: float,
+                    max_size: float, warn: Callable[[str], None]) -> None:
+    """Refuse (:class:`~mpq.errors.UserError`) a target below the lowest configuration's cost;
+    ``warn`` about each target that the largest configuration already meets (the search then has
+    nothing to trade). Targets are checked in order, each warned about before the next is checked."""
+    for t in targets:
+        if t.max_bitops is not None and t.max_bitops < min_bitops:
+            raise UserError(f"budget {t.label!r} = {format_bitops(t.max_bitops)} BitOPs is below the "
+                            f"minimum achievable {format_bitops(min_bitops)} BitOPs ({min_bitops:.6g}; "
+                            f"every layer at its lowest bit-width)")
+        if t.max_size is not None and t.max_size < min_size:
+            raise UserError(f"budget {t.label!r} = {format_bytes(t.max_size)} is below the minimum "
+                            f"achievable size {format_bytes(min_size)} ({min_size:.0f} bytes; every "
+                            f"layer at its lowest weight bit-width)")
+        if ((t.max_bitops is None or t.max_bitops >= max_bitops)
+                and (t.max_size is None or t.max_size >= max_size)):
+            warn(f"warning: budget {t.label!r} is at or above the largest configuration's cost "
+                 f"({format_bitops(max_bitops)} BitOPs, {format_bytes(max_size)}); the largest "
+                 f"configuration is returned")

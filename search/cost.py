@@ -5,7 +5,8 @@
     size           = sum(params * b_w) / 8 bytes           (bias and float layers counted at 32 bits)
 
 The MAC count of each layer is measured once per input size with forward hooks, then any
-configuration's cost is a dot product with the per-layer bit products.
+configuration's cost is a dot product with the per-layer bit products. :class:`CostModel` answers
+both costs of one supernet for the search (and the ``all-8-bit`` reference of ratio budgets).
 """
 from __future__ import annotations
 
@@ -112,3 +113,29 @@ def model_size_bytes(model: nn.Module, config: Optional[Mapping[str, Tuple[int, 
         seen.add(id(p))
         bits += p.numel() * 32
     return bits / 8.0
+
+
+class CostModel:
+    """BitOPs and weight size of configurations of one supernet, as fast dot products.
+
+    ``bitops(c)`` equals :func:`search.bitops` and ``size_bytes(c)`` equals
+    :func:`search.model_size_bytes` for the same configuration.
+    """
+
+    def __init__(self, net, input_size: Sequence[int]) -> None:
+        net = unwrap(net)
+        self.counter = BitOpsCounter(net, input_size)
+        layers = quant_layers(net)
+        self.numel = {n: m.weight.numel() for n, m in layers.items()}
+        self.fixed_bytes = model_size_bytes(net, {n: (0, 0) for n in layers})
+        self.layers = list(layers)
+
+    def bitops(self, config: Mapping[str, Tuple[int, int]]) -> float:
+        return self.counter.bitops(config)
+
+    def size_bytes(self, config: Mapping[str, Tuple[int, int]]) -> float:
+        return self.fixed_bytes + sum(self.numel[n] * config[n][0] for n in self.numel) / 8.0
+
+    def uniform8_bitops(self) -> float:
+        """BitOPs with every quantized layer at 8/8 bits (the reference of ratio budgets)."""
+        return float(sum(m * 64 for m in self.counter.macs.values()))

@@ -47,6 +47,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+from .cost import CostModel  # it lived here first: ``from search.greedy import CostModel`` still works
+
 Config = Dict[str, Tuple[int, int]]
 Choices = Mapping[str, Tuple[Sequence[int], Sequence[int]]]
 EvalFn = Callable[[Config], Union[float, Mapping[str, float]]]
@@ -405,34 +407,6 @@ def refine_search(start: Mapping[str, Tuple[int, int]], choices: Choices,
 
 
 # ------------------------------------------------------------------------------ supernet binding
-class CostModel:
-    """BitOPs and weight size of configurations of one supernet, as fast dot products.
-
-    ``bitops(c)`` equals :func:`search.bitops` and ``size_bytes(c)`` equals
-    :func:`search.model_size_bytes` for the same configuration.
-    """
-
-    def __init__(self, net, input_size: Sequence[int]) -> None:
-        from mpq.supernet import quant_layers, unwrap
-        from .cost import BitOpsCounter, model_size_bytes
-        net = unwrap(net)
-        self.counter = BitOpsCounter(net, input_size)
-        layers = quant_layers(net)
-        self.numel = {n: m.weight.numel() for n, m in layers.items()}
-        self.fixed_bytes = model_size_bytes(net, {n: (0, 0) for n in layers})
-        self.layers = list(layers)
-
-    def bitops(self, config: Mapping[str, Tuple[int, int]]) -> float:
-        return self.counter.bitops(config)
-
-    def size_bytes(self, config: Mapping[str, Tuple[int, int]]) -> float:
-        return self.fixed_bytes + sum(self.numel[n] * config[n][0] for n in self.numel) / 8.0
-
-    def uniform8_bitops(self) -> float:
-        """BitOPs with every quantized layer at 8/8 bits (the reference of ratio budgets)."""
-        return float(sum(m * 64 for m in self.counter.macs.values()))
-
-
 def _annotator(cost: CostModel, progress: Optional[Callable[[Step], None]]) -> Callable[[Step], None]:
     """A path callback that fills a step's ``bitops`` and ``size_bytes`` and then calls ``progress``."""
     def annotate(step: Step) -> None:

@@ -1,4 +1,5 @@
-"""search.py / search.cli end to end on a tiny supernet checkpoint, and its user errors."""
+"""search.py / search.cli end to end on a tiny supernet checkpoint, and its user errors; the data
+split (search.data) and the pick rule (search.select) it uses."""
 import csv
 import hashlib
 import json
@@ -13,7 +14,8 @@ import torch.nn.functional as F
 import mpq
 from mpq.checkpoint import atomic_save, build_supernet, load_supernet
 from support import make_checkpoint, tiny_spec as _spec
-from search.cli import heldout_split, main
+from search.cli import main
+from search.data import heldout_split
 from search.evaluator import evaluate
 from mpq.export import load_fixed
 from search.greedy import CostModel
@@ -214,7 +216,7 @@ def test_default_checkpoint_missing_and_script_exit_status(tmp_path, capsys, mon
 def test_split_data_calibrates_on_training_images_left_out_of_training():
     from mpq.data import build_datasets
     from mpq.errors import UserError
-    from search.cli import split_data
+    from search.data import split_data
     info = build_datasets("fashion_mnist", train_subset=1000, seed=0)
     sp = split_data(info, 300, 0, 256, seed=0)
     assert sp.calib_split == "train" and len(sp.calib_indices) == 300
@@ -234,7 +236,7 @@ def test_split_data_calibrates_on_training_images_left_out_of_training():
 
 
 def test_pick_config_keeps_the_uniform_config_unless_a_mixed_one_is_clearly_better():
-    from search.cli import pick_config
+    from search.select import pick_config
     from search.greedy import Step
 
     class FakeEvaluator:
@@ -267,7 +269,7 @@ def test_pick_config_keeps_the_uniform_config_unless_a_mixed_one_is_clearly_bett
 
 
 def test_pick_config_refines_and_a_refined_mixed_config_must_beat_the_uniform_one():
-    from search.cli import pick_config
+    from search.select import pick_config
     from search.greedy import Move, SearchResult, Step, Swap
 
     class ZByConfig:   # paired z of a configuration against the uniform W3A3 one
