@@ -240,7 +240,7 @@ class ActivationClipCalibrator:
             clip = float(bound_ch[ok].max())
             aq = self.layers[name].a_quant
             if aq.auto_sign:
-                aq.signed.fill_(bool((mn[torch.isfinite(mn)] < 0).any()))
+                aq.set_signed(bool((mn[torch.isfinite(mn)] < 0).any()))  # buffer and Python flag
             for b in aq.step_sizes():
                 _, qp = aq.grid(b)
                 aq.set_step(b, max(clip, 1e-8) / qp)

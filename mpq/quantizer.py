@@ -175,6 +175,15 @@ class LsqQuantizer(nn.Module):
             tensor (weights).
         init: step-size init of :meth:`init_from`: ``"mean_abs"`` (LSQ) or ``"three_sigma"`` (the
             one-shot paper's weight init).
+
+    The flags ``initialized`` and ``signed`` are buffers (they are in every checkpoint) *and* Python
+    bools ``_initialized`` / ``_signed`` that the forward reads: reading a device tensor on the host
+    is a sync per quantizer per forward on a GPU and a graph break under ``torch.compile``. The
+    methods here write both; :meth:`set_signed` is the public setter. A buffer written from outside
+    (a state_dict load, ``initialized.fill_(False)`` before a re-calibration, the ``copy_`` of a model
+    EMA) is noticed by its version counter, a host-side integer, and re-read once by the next eager
+    forward; a compiled forward trusts the bools (torch.compile guards on them), so code that writes
+    the buffers of a compiled model calls :meth:`sync_flags`.
     """
 
     def __init__(self, bits: Sequence[int], signed: Optional[bool] = True, channels: int = 1,
@@ -190,10 +199,62 @@ class LsqQuantizer(nn.Module):
             {str(b): nn.Parameter(torch.ones(shape)) for b in self.bits if b != FLOAT_BITS})
         self.register_buffer("signed", torch.tensor(True if signed is None else signed))
         self.register_buffer("initialized", torch.tensor(False))
+        self._signed = True if signed is None else bool(signed)
+        self._initialized = False
+        self._seen = self._buffer_versions()
         self.auto_sign = signed is None
         self.use_grad_scale = use_grad_scale
         self.per_sample = per_sample
 
+    # ------------------------------------------------------------------ flags: buffers + Python mirrors
+    def _buffer_versions(self) -> Optional[Tuple[int, ...]]:
+        """Which buffer tensors, at which version (bumped by every in-place write): host-side
+        integers, reading them is no sync. A tensor made under ``torch.inference_mode`` has no
+        version counter: ``None`` never matches, so such buffers are re-read every time."""
+        a, b = self.initialized, self.signed
+        if a.is_inference() or b.is_inference():
+            return None
+        return id(a), a._version, id(b), b._version
+
+    @torch.no_grad()
+    def sync_flags(self) -> None:
+        """Re-read ``_initialized`` / ``_signed`` from the buffers: a device-to-host copy each, so it
+        runs only after the buffers were written from outside (never in the steady state)."""
+        self._initialized = bool(self.initialized)
+        self._signed = bool(self.signed)
+        self._seen = self._buffer_versions()
+
+    def _refresh(self) -> None:
+        # Inside torch.compile the bools are guarded and the version counters of fake tensors mean
+        # nothing, so the check runs in eager mode only.
+        if not torch.compiler.is_compiling() and self._buffer_versions() != self._seen:
+            self.sync_flags()
+
+    @torch.no_grad()
+    def _write_flags(self, initialized: Optional[bool] = None, signed: Optional[bool] = None) -> None:
+        """Set flags in the buffer and the Python bool alike (``fill_`` with a Python value: no sync)."""
+        self._refresh()  # first take in any outside write, which recording the versions would hide
+        if initialized is not None:
+            self.initialized.fill_(bool(initialized))
+            self._initialized = bool(initialized)
+        if signed is not None:
+            self.signed.fill_(bool(signed))
+            self._signed = bool(signed)
+        self._seen = self._buffer_versions()
+
+    def set_signed(self, signed: bool) -> None:
+        """Use the signed (``True``) or unsigned grid from now on (the step sizes are left as they are)."""
+        self._write_flags(signed=signed)
+
+    def mark_uncalibrated(self) -> None:
+        """Make the next forward initialise the step sizes (and, with ``auto_sign``, the sign) from its input."""
+        self._write_flags(initialized=False)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self.sync_flags()  # the checkpoint's flags, also for a compiled forward
+
+    # ------------------------------------------------------------------ step sizes
     @torch.no_grad()
     def init_from(self, x: torch.Tensor) -> None:
         """Step-size init for every bit-width ``b`` (per channel if the step is per channel):
@@ -201,10 +262,13 @@ class LsqQuantizer(nn.Module):
         * ``mean_abs`` (LSQ): ``s_b = 2 * mean|x| / sqrt(Q_P)``
         * ``three_sigma`` (the one-shot paper's weights): ``s_b = max(|mu - 3 sigma|, |mu + 3 sigma|) / 2^(b-1)``
           with ``mu``, ``sigma`` the mean and standard deviation of ``x`` (of each channel).
+
+        With ``auto_sign`` the grid becomes unsigned when ``x`` has no negative value: one sync (this
+        runs once, on the first forward of an uncalibrated quantizer).
         """
         if self.auto_sign:
-            self.signed.fill_(bool((x < 0).any()))
-        signed = bool(self.signed)
+            self._write_flags(signed=bool((x < 0).any()))
+        signed = self.is_signed()
         rows = x.flatten(1) if self.step_numel() > 1 else x.reshape(1, -1)
         rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
         if self.init == "three_sigma":
@@ -221,7 +285,7 @@ class LsqQuantizer(nn.Module):
             else:
                 value = 2 * mean_abs / math.sqrt(qrange(b, signed)[1])
             step.copy_(value.view_as(step).clamp_min(1e-8))
-        self.initialized.fill_(True)
+        self._write_flags(initialized=True)
 
     def step_for(self, bits: int) -> nn.Parameter:
         """The learnable step size of ``bits`` (a KeyError names the candidates otherwise)."""
@@ -245,19 +309,29 @@ class LsqQuantizer(nn.Module):
         else:
             step.fill_(float(value))
         if initialized:
-            self.initialized.fill_(True)
+            self._write_flags(initialized=True)
 
     def step_numel(self) -> int:
         """Number of step-size entries per bit-width (1: per tensor, C: per channel)."""
         return next(iter(self.step.values())).numel() if len(self.step) else 1
 
+    def is_signed(self) -> bool:
+        """Whether the integer grid is signed (a Python bool: no sync)."""
+        self._refresh()
+        return self._signed
+
+    def is_initialized(self) -> bool:
+        """Whether the step sizes are calibrated (else the next forward initialises them)."""
+        self._refresh()
+        return self._initialized
+
     def grid(self, bits: int) -> tuple[int, int]:
-        return qrange(bits, bool(self.signed))
+        return qrange(bits, self.is_signed())
 
     def forward(self, x: torch.Tensor, bits: int) -> torch.Tensor:
         if bits == FLOAT_BITS:
             return x
-        if not bool(self.initialized):
+        if not self.is_initialized():
             self.init_from(x.detach())
         step = self.step[str(bits)]
         qn, qp = self.grid(bits)
@@ -270,7 +344,7 @@ class LsqQuantizer(nn.Module):
         return LsqFakeQuantFn.apply(x, step, qn, qp, g)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, signed={bool(self.signed)}, per_channel={next(iter(self.step.values())).numel() > 1 if len(self.step) else False}"
+        return f"bits={self.bits}, signed={self.is_signed()}, per_channel={self.step_numel() > 1}"
 
 
 def check_bits(bits: Iterable[int], what: str) -> tuple[int, ...]:
