@@ -465,7 +465,7 @@ def ptq(net, config: Dict[str, Tuple[int, int]], calib_batches) -> None:
         if ab != FLOAT_BITS:
             x = torch.cat(inputs[n])
             signed = bool((x < 0).any())
-            m.a_quant.signed.fill_(signed)
+            m.a_quant.set_signed(signed)
             m.a_quant.set_step(ab, mse_act_step(x, ab, signed))
     set_bits(net, config)
 

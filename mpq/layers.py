@@ -33,6 +33,11 @@ class QuantMixin:
     w_candidates: tuple[int, ...]
     a_candidates: tuple[int, ...]
 
+    def __init__(self, *args, w_bits: Sequence[int] = (2, 3, 4, 5, 6),
+                 a_bits: Sequence[int] = (2, 3, 4, 5, 6), per_channel: bool = True, **kwargs) -> None:
+        super().__init__(*args, **kwargs)   # nn.Conv2d / nn.Linear: the layer's own arguments
+        self._init_quant(w_bits, a_bits, per_channel, self.weight.shape[0])
+
     def _init_quant(self, w_bits: Sequence[int], a_bits: Sequence[int], per_channel: bool,
                     channels: int, w_init: str = "mean_abs", grad_scale: bool = True) -> None:
         self.w_candidates = tuple(sorted(set(w_bits)))
@@ -85,11 +90,6 @@ class QuantMixin:
 class QuantConv2d(QuantMixin, nn.Conv2d):
     """``nn.Conv2d`` with switchable weight and input-activation bit-widths."""
 
-    def __init__(self, *args, w_bits: Sequence[int] = (2, 3, 4, 5, 6),
-                 a_bits: Sequence[int] = (2, 3, 4, 5, 6), per_channel: bool = True, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_quant(w_bits, a_bits, per_channel, self.out_channels)
-
     @staticmethod
     def _float_init(q: "QuantConv2d", conv: nn.Conv2d) -> None:
         nn.Conv2d.__init__(q, conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
@@ -105,11 +105,6 @@ class QuantConv2d(QuantMixin, nn.Conv2d):
 
 class QuantLinear(QuantMixin, nn.Linear):
     """``nn.Linear`` with switchable weight and input-activation bit-widths."""
-
-    def __init__(self, *args, w_bits: Sequence[int] = (2, 3, 4, 5, 6),
-                 a_bits: Sequence[int] = (2, 3, 4, 5, 6), per_channel: bool = True, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_quant(w_bits, a_bits, per_channel, self.out_features)
 
     @staticmethod
     def _float_init(q: "QuantLinear", linear: nn.Linear) -> None:

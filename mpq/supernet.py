@@ -405,7 +405,7 @@ def calibrate_activations(model: nn.Module, batch: torch.Tensor) -> None:
     saved = get_bits(net)
     set_bits(net, max_config(net))
     for layer in quant_layers(net).values():
-        layer.a_quant.initialized.fill_(False)
+        layer.a_quant.mark_uncalibrated()
     was_training = net.training
     bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     bn_state = [{k: v.clone() for k, v in m.named_buffers(recurse=False)} for m in bns]

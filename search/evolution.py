@@ -31,7 +31,7 @@ import random
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from .greedy import Config, SearchResult, Step
+from .greedy import Config, SearchResult, Step, free_layers
 
 Choices = Mapping[str, Tuple[Sequence[int], Sequence[int]]]
 STATE_VERSION = 1
@@ -66,10 +66,6 @@ def _key(config: Mapping[str, Tuple[int, int]]) -> str:
     return json.dumps(sorted([n, int(w), int(a)] for n, (w, a) in config.items()))
 
 
-def _free(choices: Choices) -> List[str]:
-    return [n for n, (w, a) in choices.items() if not (len(w) == 1 and len(a) == 1)]
-
-
 class _Space:
     """The legal configurations: base (pinned layers) + a gene pair per free layer, within the band."""
 
@@ -77,7 +73,7 @@ class _Space:
                  budget: float, min_ratio: float, rng: random.Random) -> None:
         self.choices, self.base, self.cost, self.budget, self.rng = choices, dict(base), cost, budget, rng
         self.low = min_ratio * budget
-        self.free = _free(choices)
+        self.free = free_layers(choices)
 
     def legal(self, c: Config) -> bool:
         return self.low <= self.cost(c) <= self.budget

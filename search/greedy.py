@@ -417,6 +417,12 @@ def _annotator(cost: CostModel, progress: Optional[Callable[[Step], None]]) -> C
     return annotate
 
 
+def free_layers(choices: Mapping[str, Tuple[Sequence[int], Sequence[int]]]) -> List[str]:
+    """The layers of ``choices`` a search may change: all but the pinned ones (a single weight and a
+    single activation candidate, :func:`mpq.supernet.is_pinned`)."""
+    return [n for n, (w, a) in choices.items() if not (len(w) == 1 and len(a) == 1)]
+
+
 def layer_choices(net) -> Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...]]]:
     """``{layer: (w_candidates, a_candidates)}`` of a supernet."""
     from mpq.supernet import quant_layers

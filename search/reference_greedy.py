@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from .greedy import Config, Move, SearchResult, Step
+from .greedy import Config, Move, SearchResult, Step, config_key, free_layers
 
 ACC_SCALE = 1.5       # the weight of the error term (line 167)
 PHASE_FACTOR = 0.95   # weight phase ends at this fraction of BitOPs(W{s-1}A{s}) (line 172)
@@ -46,27 +46,22 @@ FLOOR_BITS = 3        # the floor for targets at or above uniform W3A3 (line 130
 Choices = Mapping[str, Tuple[Sequence[int], Sequence[int]]]
 
 
-def _pinned(choices: Choices, name: str) -> bool:
-    w, a = choices[name]
-    return len(w) == 1 and len(a) == 1
-
-
 def common_bits(choices: Choices) -> List[int]:
     """Bit-widths every non-pinned layer offers for both weights and activations."""
     common = None
-    for name, (w, a) in choices.items():
-        if not _pinned(choices, name):
-            s = set(w) & set(a)
-            common = s if common is None else common & s
+    for name in free_layers(choices):
+        w, a = choices[name]
+        s = set(w) & set(a)
+        common = s if common is None else common & s
     return sorted(common or ())
 
 
 def uniform(choices: Choices, base: Mapping[str, Tuple[int, int]], w_bits: int, a_bits: int) -> Config:
     """``base`` with every non-pinned layer at ``(w_bits, a_bits)`` (clamped into its candidates)."""
     out = dict(base)
-    for name, (w, a) in choices.items():
-        if not _pinned(choices, name):
-            out[name] = (min(w, key=lambda b: (abs(b - w_bits), b)), min(a, key=lambda b: (abs(b - a_bits), b)))
+    for name in free_layers(choices):
+        w, a = choices[name]
+        out[name] = (min(w, key=lambda b: (abs(b - w_bits), b)), min(a, key=lambda b: (abs(b - a_bits), b)))
     return out
 
 
@@ -87,17 +82,12 @@ def reference_plan(choices: Choices, base: Mapping[str, Tuple[int, int]], cost: 
             "floor": floor}
 
 
-def _key(config: Mapping[str, Tuple[int, int]]) -> Tuple:
-    return tuple(sorted(config.items()))
-
-
 def _moves(config: Config, choices: Choices, kind: str, floor: int, visited=frozenset()) -> List[Move]:
     """The one-candidate moves of ``kind`` (``"w"``/``"a"``) of every non-pinned layer, ``-`` before
     ``+``; a ``+`` move only when it leads to a configuration not in ``visited``."""
     out = []
-    for name, (wc, ac) in choices.items():
-        if _pinned(choices, name):
-            continue
+    for name in free_layers(choices):
+        wc, ac = choices[name]
         cands = sorted(wc if kind == "w" else ac)
         cur = config[name][0 if kind == "w" else 1]
         i = cands.index(cur)
@@ -105,7 +95,7 @@ def _moves(config: Config, choices: Choices, kind: str, floor: int, visited=froz
             out.append(Move(name, kind, cur, cands[i - 1]))
         if i + 1 < len(cands):
             out.append(Move(name, kind, cur, cands[i + 1]))
-    return [mv for mv in out if mv.new < mv.old or _key(mv.apply(config)) not in visited]
+    return [mv for mv in out if mv.new < mv.old or config_key(mv.apply(config)) not in visited]
 
 
 def reference_score(errors: Sequence[float], costs: Sequence[float]) -> List[float]:
@@ -135,7 +125,7 @@ def reference_greedy(choices: Choices, base: Mapping[str, Tuple[int, int]], batc
     if max_iters is None:   # every layer from the top to the floor and back, twice over
         max_iters = 4 * sum(len(w) + len(a) for w, a in choices.values()) + 10
     path = [Step(0, dict(config), bitops(config), math.nan, {})]
-    visited = {_key(config)}
+    visited = {config_key(config)}
     phase, stopped, batch = "w", "target", 0
     if progress:
         progress(path[0])
@@ -158,7 +148,7 @@ def reference_greedy(choices: Choices, base: Mapping[str, Tuple[int, int]], batc
         scores = reference_score(errors, costs)
         best = min(range(len(moves)), key=lambda i: (scores[i], i))
         config = trial[best]
-        visited.add(_key(config))
+        visited.add(config_key(config))
         path.append(Step(len(path), dict(config), bitops(config), errors[best],
                          {"err": errors[best], "acc": 1.0 - errors[best], "batch": batch, "phase": phase},
                          move=moves[best], score=scores[best]))
