@@ -152,7 +152,7 @@ SCHEMA: Dict[str, Dict[str, Field]] = {
         "max_steps": Field("int", "stop after this many steps (null: all epochs)", nullable=True, check=_gt(0)),
         "resume": Field("resume", "false | auto | checkpoint path"),
         "device": Field("str", "device", choices=("auto", "cpu", "cuda")),
-        "amp": Field("bool", "mixed precision on GPU"),
+        "amp": Field("bool", "autocast mixed precision (GPU: amp_dtype; CPU: bfloat16 only)"),
         "amp_dtype": Field("str", "autocast dtype", choices=("bfloat16", "float16")),
         "compile": Field("bool", "torch.compile the model"),
         "channels_last": Field("bool", "channels_last memory format"),

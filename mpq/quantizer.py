@@ -29,6 +29,9 @@ STEP_INITS = ("mean_abs", "three_sigma")
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, FLOAT_BITS)
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)   # dtypes the quantizer computes its codes above
+
+
 def qrange(bits: int, signed: bool) -> tuple[int, int]:
     """Return ``(Q_N, Q_P)``: the integer grid is ``[-Q_N, Q_P]``."""
     if signed:
@@ -334,6 +337,15 @@ class LsqQuantizer(nn.Module):
         if not self.is_initialized():
             self.init_from(x.detach())
         step = self.step[str(bits)]
+        if x.dtype in LOW_PRECISION or step.dtype in LOW_PRECISION:
+            # The codes in fp32: bf16 keeps 8 significant bits, so x / s in bf16 moves values across
+            # rounding boundaries and changes codes (tests/test_mixed_precision.py). Under autocast
+            # x arrives in bf16/fp16; in a model cast to bf16 the step is bf16 too. The output has
+            # x's dtype, as the next layer expects.
+            return self._quantize(x.float(), step.float(), bits).to(x.dtype)
+        return self._quantize(x, step, bits)
+
+    def _quantize(self, x: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
         qn, qp = self.grid(bits)
         if not (torch.is_grad_enabled() and (x.requires_grad or step.requires_grad)):
             return fake_quant(x, step, qn, qp)

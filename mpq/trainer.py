@@ -116,8 +116,12 @@ class Trainer:
                                                                  parts.bit_sched, parts.aqt)
         self.opt, self.step_opt = build_optimizers(
             self.net, list(self.r2.parameters()) if self.r2 is not None else [], t)
-        self.use_amp = t["amp"] and self.device.type == "cuda"
         self.amp_dtype = torch.float16 if t["amp_dtype"] == "float16" else torch.bfloat16
+        # CUDA: bf16 or fp16 (with GradScaler); CPU autocast: bf16 only (fp16 there stays fp32)
+        self.use_amp = t["amp"] and (self.device.type == "cuda" or self.amp_dtype == torch.bfloat16)
+        if t["amp"] and not self.use_amp:
+            self.log.print(f"note: train.amp with amp_dtype float16 needs CUDA; training in float32 "
+                           f"on {self.device.type} (amp_dtype bfloat16 runs there)")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
         d, i = cfg["distill"], cfg["idm"]
         self.subnet_loss = SubnetLoss(
@@ -186,7 +190,7 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def _autocast(self):
         if self.use_amp:
-            return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
+            return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
         return nullcontext()
 
     def _no_sync(self, skip: bool):

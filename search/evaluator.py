@@ -333,10 +333,24 @@ class Evaluator:
 
     def proxy(self, config: Optional[Mapping[str, Sequence[int]]]) -> Dict[str, float]:
         """Cheap estimate on the proxy batch(es): one forward pass per batch, nothing re-calibrated."""
+        return self._cheap(config, self.proxy_data, reduce=False)
+
+    def batch_error(self, config: Optional[Mapping[str, Sequence[int]]], i: int) -> float:
+        """Top-1 error in [0, 1] on calibration batch ``i`` (cycled through the calibration
+        batches), normalised with the batch's own statistics (shared BN) or the stored ones
+        (switchable BN): the reference greedy scores each iteration's moves on one fresh batch.
+        Under ``torch.distributed`` every rank takes batch ``i`` of its shard and the counts are
+        summed, so all ranks get the same error."""
+        batch = self.calib[i % len(self.calib)]
+        return 1.0 - self._cheap(config, [batch], reduce=dist_info()[1] > 1)["acc"]
+
+    def _cheap(self, config: Optional[Mapping[str, Sequence[int]]], batches: List[Batch],
+               reduce: bool) -> Dict[str, float]:
+        """``config`` on ``batches`` without BN re-calibration, counted as a proxy evaluation."""
         before = self.counter.copy()
-        out = evaluate(self.net, config, self.proxy_data, device=self.device,
+        out = evaluate(self.net, config, batches, device=self.device,
                        bn_mode="batch" if self.shared_bn else "stored", counter=self.counter,
-                       batch_size=self.batch_size, reduce=False)
+                       batch_size=self.batch_size, reduce=reduce)
         spent = self.counter - before
         self.counter.eval_forwards -= spent.eval_forwards
         self.counter.evaluations -= spent.evaluations

@@ -70,13 +70,19 @@ class _Space:
     """The legal configurations: base (pinned layers) + a gene pair per free layer, within the band."""
 
     def __init__(self, choices: Choices, base: Mapping[str, Tuple[int, int]], cost: Callable[[Config], float],
-                 budget: float, min_ratio: float, rng: random.Random) -> None:
+                 budget: float, min_ratio: float, rng: random.Random,
+                 fits: Optional[Callable[[Config], bool]] = None) -> None:
         self.choices, self.base, self.cost, self.budget, self.rng = choices, dict(base), cost, budget, rng
         self.low = min_ratio * budget
         self.free = free_layers(choices)
+        self.fits = fits
+
+    def within(self, c: Config) -> bool:
+        """Within the budget (and every further constraint ``fits`` adds)."""
+        return self.cost(c) <= self.budget and (self.fits is None or bool(self.fits(c)))
 
     def legal(self, c: Config) -> bool:
-        return self.low <= self.cost(c) <= self.budget
+        return self.low <= self.cost(c) and self.within(c)
 
     def random(self) -> Optional[Config]:
         """Uniform bits per layer, then one random one-step decrease at a time until it fits."""
@@ -84,7 +90,7 @@ class _Space:
         for n in self.free:
             w, a = self.choices[n]
             c[n] = (self.rng.choice(sorted(w)), self.rng.choice(sorted(a)))
-        while self.cost(c) > self.budget:
+        while not self.within(c):
             steps = []
             for n in self.free:
                 w, a = (sorted(x) for x in self.choices[n])
@@ -114,9 +120,11 @@ class _Space:
         return c
 
 
-def _fingerprint(kind: str, choices: Choices, budget: float, settings: EvolutionSettings, metric: str) -> str:
+def _fingerprint(kind: str, choices: Choices, budget: float, settings: EvolutionSettings, metric: str,
+                 tag: str) -> str:
     blob = json.dumps({"kind": kind, "choices": {n: [list(w), list(a)] for n, (w, a) in choices.items()},
-                       "budget": budget, "settings": asdict(settings), "metric": metric}, sort_keys=True)
+                       "budget": budget, "settings": asdict(settings), "metric": metric, "tag": tag},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -186,15 +194,22 @@ def evolution_search(choices: Choices, base: Mapping[str, Tuple[int, int]],
                      evaluate: Callable[[Config], Mapping[str, float]], cost: Callable[[Config], float],
                      budget: float, settings: EvolutionSettings = EvolutionSettings(), metric: str = "loss",
                      state_path: Optional[str] = None,
-                     progress: Optional[Callable[[int, int, float], None]] = None) -> SearchResult:
+                     progress: Optional[Callable[[int, int, float], None]] = None, *,
+                     fits: Optional[Callable[[Config], bool]] = None, tag: str = "",
+                     resume: bool = True) -> SearchResult:
     """Evolutionary search (module docstring). ``evaluate(config)`` -> ``{"loss", "acc"}`` on the
     calibration data. The path holds the best individual after each generation (generation 0: the
-    initial population); its last step is the answer. ``progress(generation, generations, best)``."""
+    initial population); its last step is the answer. ``progress(generation, generations, best)``.
+
+    ``fits``: a further constraint every individual must meet (e.g. a size budget beside the BitOPs
+    one); ``tag``: what else the fitness depends on (checkpoint, calibration data), so a state file
+    written for other data is not resumed; ``resume=False`` ignores an existing state file (it is
+    still written)."""
     settings.check()
-    fp = _fingerprint("evolution", choices, budget, settings, metric)
-    state = _load_state(state_path, fp)
+    fp = _fingerprint("evolution", choices, budget, settings, metric, tag)
+    state = _load_state(state_path, fp) if resume else None
     rng = _rng_from_json(state["rng"]) if state else random.Random(settings.seed)
-    space = _Space(choices, base, cost, budget, settings.min_ratio, rng)
+    space = _Space(choices, base, cost, budget, settings.min_ratio, rng, fits)
     fitness = _Fitness(evaluate, metric, state["cache"] if state else None)
     if state:
         population = [dict((n, tuple(v)) for n, v in c.items()) for c in state["population"]]
@@ -265,14 +280,15 @@ def _fill(pop: List[Config], space: _Space, size: int, max_tries: int) -> List[C
 def random_search(choices: Choices, base: Mapping[str, Tuple[int, int]],
                   evaluate: Callable[[Config], Mapping[str, float]], cost: Callable[[Config], float],
                   budget: float, samples: int, metric: str = "loss", min_ratio: float = 0.9, seed: int = 0,
-                  progress: Optional[Callable[[int, int, float], None]] = None) -> SearchResult:
+                  progress: Optional[Callable[[int, int, float], None]] = None, *,
+                  fits: Optional[Callable[[Config], bool]] = None) -> SearchResult:
     """The baseline: ``samples`` random legal configurations (drawn as the evolution draws its
     random individuals), the best by calibration fitness. The path holds the best so far after each
     sample; its last step is the answer."""
     if samples < 1:
         raise ValueError(f"random search: samples must be >= 1, got {samples}")
     rng = random.Random(seed)
-    space = _Space(choices, base, cost, budget, min_ratio, rng)
+    space = _Space(choices, base, cost, budget, min_ratio, rng, fits)
     fitness = _Fitness(evaluate, metric)
     pop = _fill([], space, samples, 250)
     if not pop:

@@ -22,8 +22,10 @@ from .budget import Budget, parse_budget, parse_budget_list
 from .data import CALIB_SPLITS
 from .evaluator import DEFAULT_PROXY_BATCHES
 from .greedy import (DEFAULT_REFINE_ITERS, DEFAULT_REFINE_TOP_K, DEFAULT_REFRESH, DEFAULT_TOP_K, METRICS,
-                     SCORES, STRATEGIES)
+                     SCORES)
 from .select import DEFAULT_MARGIN, SELECTS
+from .sensitivity import MODES as SENSITIVITY_MODES
+from .strategies import ALL_STRATEGIES
 
 DEFAULT_CHECKPOINT = os.path.join("runs", "default", "supernet.pt")
 
@@ -69,8 +71,13 @@ class SearchOptions:
     data_name: Optional[str] = _opt(None, "override the checkpoint's data.name")
     workers: int = _opt(0, "DataLoader workers")
 
-    strategy: str = _opt("fast", "fast: proxy pre-ranking + exact check of the top-k moves; naive: "
-                                 "every move exactly", STRATEGIES, group="search")
+    strategy: str = _opt("fast", "fast: greedy walk, proxy pre-ranking + exact check of the top-k "
+                                 "moves; naive: greedy walk, every move exactly; reference: the "
+                                 "paper's greedy per BitOPs budget (from W5A5, +/- moves, weight then "
+                                 "activation phase, one batch per iteration); evolution: population "
+                                 "search per budget on the calibration loss; random: the best of "
+                                 "--random-samples random configurations per budget",
+                         ALL_STRATEGIES, group="search")
     top_k: int = _opt(DEFAULT_TOP_K, "fast strategy: moves checked exactly per step")
     refresh: int = _opt(DEFAULT_REFRESH, "fast strategy: re-measure all proxy deltas every N steps "
                                          "(0: only the moved layer's)")
@@ -87,6 +94,10 @@ class SearchOptions:
         DEFAULT_MARGIN, "a mixed configuration replaces the largest uniform W=A configuration within "
                         "the budget only if it beats it on the calibration samples by this many "
                         "standard errors of the paired per-sample difference (0: take the best)")
+    population: int = _opt(24, "evolution: individuals per generation (a quarter are the parents, "
+                               "half mutations, half crossovers)")
+    generations: int = _opt(12, "evolution: generations")
+    random_samples: int = _opt(150, "random: configurations drawn per budget")
     refine: bool = _opt(True, "after the greedy walk, improve each budget's configuration by "
                               "bidirectional moves within the budget (one bit-width up, optionally "
                               "another one down)")
@@ -98,8 +109,15 @@ class SearchOptions:
                                      "loss (--select acc: accuracy) by this many standard errors of "
                                      "the paired per-sample difference")
 
+    sensitivity: bool = _opt(True, "write sensitivity.csv / sensitivity.png: each layer's weight or "
+                                   "activation bits lowered alone, every other layer at its highest "
+                                   "bits, on the calibration samples", group="output")
+    sensitivity_mode: str = _opt("exact", "sensitivity: exact (all calibration samples, BN "
+                                          "re-calibrated as the search scores) or proxy (the proxy "
+                                          "batches)", SENSITIVITY_MODES)
+    sensitivity_only: bool = _opt(False, "write the sensitivity report and stop (no search)")
     export: bool = _opt(True, "write model_fixed.pt (the accuracy of the fixed model is measured "
-                              "either way)", group="output")
+                              "either way)")
     onnx: bool = _opt(True, "with --export, also write model.onnx (QDQ, opset 21, for onnxruntime) "
                             "and encodings.json, and measure the ONNX model's accuracy in "
                             "onnxruntime (needs the onnx extra)")
@@ -142,9 +160,13 @@ class SearchOptions:
             if allowed and getattr(self, f.name) not in allowed:
                 raise UserError(f"{flag(f.name)}: {getattr(self, f.name)!r} is not allowed; allowed: "
                                 f"{', '.join(allowed)}")
-        for name in ("calib_size", "batch_size", "bn_batches", "top_k", "proxy_batches", "refine_top_k"):
+        for name in ("calib_size", "batch_size", "bn_batches", "top_k", "proxy_batches", "refine_top_k",
+                     "population", "generations", "random_samples"):
             if getattr(self, name) < 1:
                 raise UserError(f"{flag(name)}: must be at least 1, got {getattr(self, name)}")
+        if self.population < 2:
+            raise UserError(f"--population: must be at least 2 (crossover takes two parents), got "
+                            f"{self.population}")
         if self.seed is not None:
             check_range("--seed", self.seed, 0, MAX_SEED, integer=True)
         check_range("--workers", self.workers, 0, MAX_WORKERS, integer=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence, Tuple
 
 COLUMNS = ("step", "bitops", "size_bytes", "acc", "loss", "score", "move", "config")
 
@@ -49,31 +49,47 @@ def read_csv(path: str) -> list:
     return rows
 
 
-def plot(path: str, steps: Sequence[Any], uniform: Sequence[Mapping[str, Any]] = (),
-         selected: Sequence[Mapping[str, Any]] = (), title: Optional[str] = None) -> None:
-    """Accuracy vs BitOPs: the searched path (line), the uniform configurations (squares, labelled
-    ``W{b}A{b}``) and the selected configurations (stars). All accuracies are on the calibration
-    set. ``uniform``/``selected`` items hold ``bitops``, ``acc`` and ``label``."""
+def plot(path: str, segments: Sequence[Tuple[str, Sequence[Any]]], uniform: Sequence[Mapping[str, Any]] = (),
+         selected: Sequence[Mapping[str, Any]] = (), title: Optional[str] = None,
+         budgets: Sequence[Mapping[str, Any]] = ()) -> None:
+    """Accuracy vs BitOPs: each ``(label, steps)`` segment of the search (a line: the greedy path,
+    a reference walk, the best per generation), the uniform configurations (squares, labelled
+    ``W{b}A{b}``), each budget's BitOPs limit (dashed vertical line, labelled) and the selected
+    configurations (stars, labelled with their budget and accuracy). ``uniform`` / ``selected`` /
+    ``budgets`` items hold ``bitops`` (and ``acc``) and ``label``. Accuracies are on the
+    calibration samples (a reference walk's: on the one batch that scored the move)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4.5), dpi=120)
+    fig = Figure(figsize=(7.5, 4.8), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    top = max([s.bitops for s in steps] + [u["bitops"] for u in uniform] or [1.0])
+    steps_all = [s for _, steps in segments for s in steps]
+    top = max([s.bitops for s in steps_all] + [u["bitops"] for u in uniform]
+              + [b["bitops"] for b in budgets] or [1.0])
     scale, unit = (1e9, "GBitOPs") if top >= 1e9 else (1e6, "MBitOPs")
-    xs = [s.bitops / scale for s in steps]
-    ys = [100.0 * s.result.get("acc", float("nan")) for s in steps]
-    ax.plot(xs, ys, "-o", markersize=3, linewidth=1.2, label="greedy path (mixed precision)")
+    for label, steps in segments:
+        xs = [s.bitops / scale for s in steps]
+        ys = [100.0 * s.result.get("acc", float("nan")) for s in steps]
+        ax.plot(xs, ys, "-o", markersize=3, linewidth=1.0, alpha=0.8, label=label)
     if uniform:
         ax.plot([u["bitops"] / scale for u in uniform], [100.0 * u["acc"] for u in uniform], "s",
                 color="tab:red", markersize=7, label="uniform W=A bits")
         for u in uniform:
             ax.annotate(u["label"], (u["bitops"] / scale, 100.0 * u["acc"]), textcoords="offset points",
                         xytext=(4, -10), fontsize=8, color="tab:red")
+    for i, b in enumerate(budgets):
+        ax.axvline(b["bitops"] / scale, color="tab:gray", linestyle="--", linewidth=1.0,
+                   label="budget" if i == 0 else None)
+        ax.annotate(f"budget {b['label']}", (b["bitops"] / scale, 1.0), xycoords=("data", "axes fraction"),
+                    textcoords="offset points", xytext=(-3, -4), rotation=90, ha="right", va="top",
+                    fontsize=7, color="tab:gray")
     if selected:
         ax.plot([s["bitops"] / scale for s in selected], [100.0 * s["acc"] for s in selected], "*",
-                color="tab:green", markersize=13, label="selected for budget")
+                color="tab:green", markersize=13, label="selected for budget", zorder=5)
+        for s in selected:
+            ax.annotate(f"{s['label']}: {100.0 * s['acc']:.2f}%", (s["bitops"] / scale, 100.0 * s["acc"]),
+                        textcoords="offset points", xytext=(6, 6), fontsize=8, color="tab:green")
     ax.set_xlabel(unit)
     ax.set_ylabel("calibration accuracy (%)")
     ax.grid(True, alpha=0.3)

@@ -153,37 +153,6 @@ def _targets(o: SearchOptions, single, listed, net, cost, cmin, cmax, say: Log) 
 
 
 # ------------------------------------------------------------------------------------ the search
-def _greedy(o: SearchOptions, net, evaluator, cost, targets: List[Target], show: bool):
-    """The greedy walk: down to the budgets (all must hold), or with ``full_path`` to the lowest
-    configuration. Moves are scored against size only when no target constrains BitOPs."""
-    from tqdm import tqdm
-
-    from mpq.supernet import quant_layers
-
-    from .greedy import search_supernet
-    total = sum(len(m[0]) - 1 + len(m[1]) - 1 for m in
-                ((layer.w_candidates, layer.a_candidates) for layer in quant_layers(net).values()))
-    bar = tqdm(total=total, desc=f"search ({o.strategy})", unit="step", disable=not show,
-               dynamic_ncols=True)
-
-    def progress(step) -> None:
-        if step.index > 0:
-            bar.update(1)
-        bar.set_postfix_str(f"{format_bitops(step.bitops)} BitOPs, acc {100 * step.result['acc']:.2f}%")
-
-    def fits_all(cfg) -> bool:
-        return all(t.fits(cost, cfg) for t in targets)
-
-    size_only = all(t.max_bitops is None for t in targets)
-    result = search_supernet(net, evaluator, cost, fits=None if o.full_path else fits_all,
-                             cost_kind="size" if size_only else "bitops",
-                             to_min=o.full_path, strategy=o.strategy, top_k=o.top_k,
-                             refresh=o.refresh, score=o.score, metric=o.metric,
-                             progress=progress)
-    bar.close()
-    return result
-
-
 def _onnx_wanted(o: SearchOptions, say: Log) -> bool:
     if not (o.export and o.onnx):
         return False
@@ -357,7 +326,8 @@ def _search(o: SearchOptions, single, listed, device, out_dir: str, folder: RunF
 
     from . import report
     from .cost import CostModel
-    from .select import Picker, uniform_bits, uniform_candidates
+    from .select import uniform_bits, uniform_candidates
+    from .strategies import run_strategy
 
     net, ckpt, source = _load_checkpoint(o.checkpoint, device)
     spec, input_size = ckpt["spec"], source.input_size
@@ -382,15 +352,19 @@ def _search(o: SearchOptions, single, listed, device, out_dir: str, folder: RunF
     uniform_counts = (counter - before).as_dict()
 
     show = main and not o.quiet
+    sensitivity_counts = _sensitivity(o, net, evaluator, cost, source, out_dir, folder, main, show, say)
+    if o.sensitivity_only:
+        return SearchOutcome(out_dir, {}, None, main)
     before = counter.copy()
     t0 = time.time()
-    result = _greedy(o, net, evaluator, cost, targets, show)
+    searched = run_strategy(o, net, evaluator, cost, targets, uniform, seed=seed, out_dir=out_dir,
+                            main=main, world=world, source_digest=source.digest, show=show)
     search_seconds = time.time() - t0
     search_counts = (counter - before).as_dict()
-    say(f"search: {len(result.path) - 1} steps, {search_counts['forwards']} subnet forward passes "
-        f"({search_counts['evaluations']} exact + {search_counts['proxy_evaluations']} proxy "
+    say(f"search ({o.strategy}): {searched.steps} steps, {search_counts['forwards']} subnet forward "
+        f"passes ({search_counts['evaluations']} exact + {search_counts['proxy_evaluations']} proxy "
         f"evaluations), {search_seconds:.1f}s")
-    picker = Picker(net, evaluator, cost, result.path, uniform, o, show=show)
+    picker = searched.picker
 
     preprocess = preprocess_of(data["name"], input_size[-1])
     onnx_wanted = _onnx_wanted(o, say)
@@ -412,17 +386,17 @@ def _search(o: SearchOptions, single, listed, device, out_dir: str, folder: RunF
     comparison = (_compare_uniform(uniform, picker, evaluator, cost, split.eval, show)
                   if o.compare_uniform and uniform else [])
 
-    stats = {"refine_forwards": picker.refine_counts.as_dict(), "steps": len(result.path) - 1,
+    stats = {"refine_forwards": picker.refine_counts.as_dict(), "steps": searched.steps,
              "seconds": search_seconds, "forwards": search_counts, "uniform_forwards": uniform_counts,
-             "world_size": world}
+             "sensitivity_forwards": sensitivity_counts, "world_size": world, **searched.stats}
     sections = {"measured": report.measured(o, split, seed, evaluator.recalibrate),
                 "data": report.data_section(o, data, split, seed),
                 "cost": report.cost_section(cost, cmin, cmax, input_size),
                 "search": report.search_section(o, stats)}
     doc = report.config_doc(source, results, preprocess, sections, comparison, time.time() - t_start)
     if main:
-        report.write_outputs(out_dir, doc, result.path, uniform,
-                             title=f"{source.model_name}: greedy mixed-precision path ({o.strategy})")
+        report.write_outputs(out_dir, doc, searched.segments, uniform, targets,
+                             title=f"{source.model_name}: mixed-precision search ({o.strategy})")
     if picker.refines:
         rc = picker.refine_counts
         say(f"refinement: {rc.forwards} subnet forward passes ({rc.evaluations} exact + "
@@ -430,6 +404,39 @@ def _search(o: SearchOptions, single, listed, device, out_dir: str, folder: RunF
     for line in report.summary_lines(results, comparison):
         say(line)
     say(f"wrote {out_dir}/config.json, pareto.csv, pareto.png"
+        + (", sensitivity.csv, sensitivity.png" if o.sensitivity else "")
         + (", model_fixed.pt" if o.export else "")
         + (", model.onnx, encodings.json" if delivery.onnx else ""))
-    return SearchOutcome(out_dir, doc, result, main)
+    return SearchOutcome(out_dir, doc, searched, main)
+
+
+def _sensitivity(o: SearchOptions, net, evaluator, cost, source: Source, out_dir: str, folder: RunFolder,
+                 main: bool, show: bool, say: Log) -> Optional[Dict[str, int]]:
+    """With ``sensitivity`` (default), measure every layer's sensitivity and write
+    ``sensitivity.csv`` / ``sensitivity.png`` (rank 0); the forward passes it spent, or ``None``."""
+    if not (o.sensitivity or o.sensitivity_only):
+        return None
+    from tqdm import tqdm
+
+    from . import sensitivity
+    counter = evaluator.counter
+    before = counter.copy()
+    bar = tqdm(desc=f"sensitivity ({o.sensitivity_mode})", unit="eval", disable=not show, dynamic_ncols=True)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+    rows = sensitivity.layer_sensitivity(net, evaluator, cost, o.sensitivity_mode, progress)
+    bar.close()
+    if main:
+        folder.keep_log()
+        sensitivity.write_csv(os.path.join(out_dir, "sensitivity.csv"), rows)
+        sensitivity.plot(os.path.join(out_dir, "sensitivity.png"), rows,
+                         title=f"{source.model_name}: per-layer sensitivity ({o.sensitivity_mode})")
+    for kind in ("weight", "activation"):
+        top = sensitivity.most_sensitive(rows, kind, 3)
+        if top:
+            say(f"sensitivity: most sensitive {kind}s: {', '.join(top)}")
+    if o.sensitivity_only:
+        say(f"wrote {out_dir}/sensitivity.csv, sensitivity.png")
+    return (counter - before).as_dict()

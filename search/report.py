@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .budget import Target, format_bitops, format_bytes
 
@@ -92,7 +92,8 @@ def cost_section(cost, cmin, cmax, input_size: Sequence[int]) -> Dict[str, Any]:
 
 def search_section(options, stats: Mapping[str, Any]) -> Dict[str, Any]:
     """``search``: the settings of the search and what it spent (``stats``: ``refine_forwards``,
-    ``steps``, ``seconds``, ``forwards``, ``uniform_forwards``, ``world_size``)."""
+    ``steps``, ``seconds``, ``forwards``, ``uniform_forwards``, ``world_size``, optionally
+    ``sensitivity_forwards`` and a per-budget strategy's ``per_budget`` figures)."""
     o = options
     return {"strategy": o.strategy, "score": o.score, "metric": o.metric,
             "select": o.select, "margin": o.margin, "refine": bool(o.refine),
@@ -102,7 +103,11 @@ def search_section(options, stats: Mapping[str, Any]) -> Dict[str, Any]:
             "top_k": o.top_k, "refresh": o.refresh, "proxy_batches": o.proxy_batches,
             "steps": stats["steps"], "full_path": bool(o.full_path),
             "seconds": stats["seconds"], "forwards": stats["forwards"],
-            "uniform_forwards": stats["uniform_forwards"], "world_size": stats["world_size"]}
+            "uniform_forwards": stats["uniform_forwards"], "world_size": stats["world_size"],
+            "sensitivity_forwards": stats.get("sensitivity_forwards"),
+            **({"population": o.population, "generations": o.generations} if o.strategy == "evolution" else {}),
+            **({"random_samples": o.random_samples} if o.strategy == "random" else {}),
+            **({"per_budget": stats["per_budget"]} if "per_budget" in stats else {})}
 
 
 def config_doc(source: Source, results: Sequence[Mapping[str, Any]], preprocess: Mapping[str, Any],
@@ -116,6 +121,7 @@ def config_doc(source: Source, results: Sequence[Mapping[str, Any]], preprocess:
         "model": source.model_name,
         "checkpoint": os.path.abspath(source.checkpoint),
         "checkpoint_sha256": source.digest,
+        "strategy": sections["search"]["strategy"],
         "budget": first["budget"],
         "layers": first["layers"],
         "bitops": first["bitops"], "size_bytes": first["size_bytes"],
@@ -135,20 +141,22 @@ def config_doc(source: Source, results: Sequence[Mapping[str, Any]], preprocess:
     }
 
 
-def write_outputs(out_dir: str, doc: Mapping[str, Any], path: Sequence[Any],
-                  uniform: Sequence[Mapping[str, Any]], title: str) -> None:
-    """``config.json`` (atomically: a reader never sees half of it), ``pareto.csv`` and
-    ``pareto.png`` (the path, the uniform configurations and each budget's pick)."""
+def write_outputs(out_dir: str, doc: Mapping[str, Any], segments: Sequence[Tuple[str, Sequence[Any]]],
+                  uniform: Sequence[Mapping[str, Any]], targets: Sequence[Target], title: str) -> None:
+    """``config.json`` (atomically: a reader never sees half of it), ``pareto.csv`` (the steps of
+    every ``(label, steps)`` segment) and ``pareto.png`` (the segments, the uniform configurations,
+    each budget's BitOPs limit and its pick)."""
     from . import pareto
     tmp = os.path.join(out_dir, ".config.json.tmp")
     with open(tmp, "w") as f:
         json.dump(doc, f, indent=2)
         f.write("\n")
     os.replace(tmp, os.path.join(out_dir, "config.json"))
-    pareto.write_csv(os.path.join(out_dir, "pareto.csv"), path)
+    pareto.write_csv(os.path.join(out_dir, "pareto.csv"), [s for _, steps in segments for s in steps])
     sel = [{"bitops": r["bitops"], "acc": r["calib_accuracy"], "label": r["budget"]["text"]}
            for r in doc["results"]]
-    pareto.plot(os.path.join(out_dir, "pareto.png"), path, uniform, sel, title=title)
+    limits = [{"bitops": t.max_bitops, "label": t.label} for t in targets if t.max_bitops is not None]
+    pareto.plot(os.path.join(out_dir, "pareto.png"), segments, uniform, sel, title=title, budgets=limits)
 
 
 def summary_lines(results: Sequence[Mapping[str, Any]], comparison: Sequence[Mapping[str, Any]]) -> List[str]:
