@@ -9,7 +9,9 @@
    a) a naive per-op LSQ module (plain torch ops, autograd backward), W4A4, first/last 8/8;
    b) PyTorch's LSQ ops ``torch._fake_quantize_learnable_per_{channel,tensor}_affine``, same bits;
    c) torch.ao.quantization eager QAT (``prepare_qat``, x86 default qconfig: 8-bit, conv+BN fused);
-   d) Brevitas ``QuantConv2d``/``QuantLinear`` W4A4, first/last 8/8 (skipped when not installed).
+   d) Brevitas ``QuantConv2d``/``QuantLinear`` W4A4, first/last 8/8 (skipped when not installed);
+   and, with the compiled kernel, ``mpq train.compile``: the whole supernet compiled (forward and
+   backward, inductor) with bits as tensors, a new random configuration set in every timed step.
    torchvision ResNet-18 at 32x32 batch 64, the embedded default small_mobilenet and the previous
    default SmallCNN at 28x28 batch 256 (`--models` picks). The rows are timed in one process,
    round-robin (``--repeats`` rounds of one step per row, the starting row rotating), and each ratio
@@ -47,6 +49,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mpq  # noqa: E402
 from mpq.quantizer import get_kernel, set_kernel  # noqa: E402
+from mpq.supernet import is_pinned, use_tensor_bits  # noqa: E402
 
 
 def median_time(fn: Callable[[], None], warmup: int = 3, repeats: int = 15) -> float:
@@ -239,6 +242,7 @@ class Candidate:
     probe: Optional[Callable[[], Tuple[torch.Tensor, int]]] = None   # a 4/8-bit layer's fake-quantized weight
     peer: bool = True
     skipped: str = ""
+    before: Optional[Callable[[], None]] = None      # run inside the timed step, before it (set_bits)
     checks: Dict = field(default_factory=dict)
 
 
@@ -402,12 +406,34 @@ def mpq_candidate(supernet: nn.Module, kernel: str) -> Candidate:
                      peer=False, probe=lambda: (layer.w_quant(layer.weight, layer.w_bits), layer.w_bits))
 
 
+def mpq_compiled_model_candidate(supernet: nn.Module, seed: int = 0) -> Candidate:
+    """``train.compile``: the whole supernet under ``torch.compile`` (forward and backward, inductor)
+    with its bit-widths read from tensors (:func:`mpq.supernet.use_tensor_bits`), a new random
+    configuration set before every step (inside the timing), as the sandwich changes it per subnet."""
+    import random
+    net = copy.deepcopy(supernet)
+    use_tensor_bits(net)
+    layers = mpq.quant_layers(net)
+    rng = random.Random(seed)
+
+    def new_config() -> None:
+        mpq.set_bits(net, {n: (rng.choice(m.w_candidates), rng.choice(m.a_candidates)) if not is_pinned(m)
+                           else (m.w_bits, m.a_bits) for n, m in layers.items()})
+    layer = next(m for m in layers.values() if not is_pinned(m))
+    return Candidate("mpq train.compile", "random config per step (pinned first/last 8/8)",
+                     "whole model compiled, bits as tensors (no recompile per config)",
+                     net=torch.compile(net), kernel="eager", peer=False, before=new_config,
+                     probe=lambda: (layer.w_quant(layer.weight, layer.w_bits), layer.w_bits))
+
+
 def build_candidates(float_net: nn.Module, supernet: nn.Module, x: torch.Tensor, kernels: Sequence[str],
                      peers: bool = True) -> List[Candidate]:
     """float, mpq per kernel, and (``peers``) the four peers, each on its own copy of the weights.
     A peer that cannot be built is returned skipped, with the reason."""
     cands = [Candidate("float", "fp32", "the float model (reference)", net=float_net, peer=False)]
     cands += [mpq_candidate(supernet, k) for k in kernels]
+    if "compiled" in kernels:
+        cands.append(mpq_compiled_model_candidate(supernet))
     if not peers:
         return cands
     signs = input_signs(float_net, x)
@@ -466,6 +492,8 @@ def interleaved_times(cands: Sequence[Candidate], x: torch.Tensor, y: torch.Tens
         if c.kernel is not None:
             set_kernel(c.kernel)
         t = time.perf_counter()
+        if c.before is not None:
+            c.before()
         steps[c.name]()
         return time.perf_counter() - t
     times: Dict[str, List[float]] = {c.name: [] for c in cands}

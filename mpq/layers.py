@@ -55,6 +55,10 @@ class QuantMixin:
         self.a_quant = LsqQuantizer(self.a_candidates, signed=None, per_sample=True,
                                     use_grad_scale=grad_scale)
         self.w_quant.init_from(self.weight.detach())
+        # bits_as_tensors: the forward reads the bit-widths from the quantizers' tensors (one
+        # traced graph for every configuration, mpq.supernet.use_tensor_bits) instead of w_bits
+        self.bits_as_tensors = False
+        self.set_active(self.w_bits, self.a_bits)
 
     @classmethod
     def from_float(cls, module: nn.Module, w_bits: Sequence[int], a_bits: Sequence[int],
@@ -69,8 +73,13 @@ class QuantMixin:
         return q
 
     def quantized_weight(self) -> torch.Tensor:
-        wq = self.w_quant(self.weight, self.w_bits)
-        if self.training and self.quant_noise_p < 1.0 and self.w_bits != FLOAT_BITS:
+        if self.bits_as_tensors:
+            wq = self.w_quant.forward_selected(self.weight)
+            w_float = self.w_quant._selected_float
+        else:
+            wq = self.w_quant(self.weight, self.w_bits)
+            w_float = self.w_bits == FLOAT_BITS
+        if self.training and self.quant_noise_p < 1.0 and not w_float:
             from .quant_noise import quant_noise_mix
             wq = quant_noise_mix(self.weight, wq, self.quant_noise_p, self.quant_noise_block)
         return wq
@@ -78,10 +87,14 @@ class QuantMixin:
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.a_float:
             return x
+        if self.bits_as_tensors:
+            return self.a_quant.forward_selected(x)
         return self.a_quant(x, self.a_bits)
 
     def set_active(self, w_bits: int, a_bits: int) -> None:
         self.w_bits, self.a_bits = int(w_bits), int(a_bits)
+        self.w_quant.select(self.w_bits)
+        self.a_quant.select(self.a_bits)
 
     def quant_repr(self) -> str:
         return f"w_bits={self.w_bits}/{list(self.w_candidates)}, a_bits={self.a_bits}/{list(self.a_candidates)}"

@@ -157,6 +157,31 @@ class LsqFakeQuantFn(torch.autograd.Function):
         return grad_x, grad_step, None, None, None
 
 
+class LsqFakeQuantTensorFn(torch.autograd.Function):
+    """:class:`LsqFakeQuantFn` with the grid bounds and the gradient scale as tensors, so a graph
+    traced by ``torch.compile`` is the same for every bit-width (:meth:`LsqQuantizer.forward_selected`).
+    Forward ``round(clip(x / s, lo, hi)) * s``; backward: the STE input gradient and the LSQ step
+    gradient ``sum(g * round(clip(v))) - sum(g_x * v)``, times ``grad_scale``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, step: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                grad_scale: torch.Tensor):
+        ctx.save_for_backward(x, step, lo, hi, grad_scale)
+        return torch.round(torch.clamp(x / step, lo, hi)) * step
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, step, lo, hi, grad_scale = ctx.saved_tensors
+        v = x / step
+        q = torch.clamp(v, lo, hi)
+        grad_x = torch.where(q == v, grad_out, 0.0)
+        grad_step = None
+        if ctx.needs_input_grad[1]:
+            grad_step = (_rowwise_dot(grad_out, torch.round(q), step.shape)
+                         - _rowwise_dot(grad_x, v, step.shape)) * grad_scale
+        return grad_x, grad_step, None, None, None
+
+
 def lsq_fake_quant(x: torch.Tensor, step: torch.Tensor, bits: int, signed: bool,
                    grad_scale: float = 1.0) -> torch.Tensor:
     """Differentiable LSQ fake quantization of ``x`` at ``bits`` with step size ``step``."""
@@ -208,6 +233,7 @@ class LsqQuantizer(nn.Module):
         self.auto_sign = signed is None
         self.use_grad_scale = use_grad_scale
         self.per_sample = per_sample
+        self._init_selection()
 
     # ------------------------------------------------------------------ flags: buffers + Python mirrors
     def _buffer_versions(self) -> Optional[Tuple[int, ...]]:
@@ -344,6 +370,55 @@ class LsqQuantizer(nn.Module):
             # x's dtype, as the next layer expects.
             return self._quantize(x.float(), step.float(), bits).to(x.dtype)
         return self._quantize(x, step, bits)
+
+    # ------------------------------------------------------------------ bits as a tensor
+    def _init_selection(self) -> None:
+        """The bit-width chosen by :meth:`select` as a tensor (index into the quantized candidates),
+        read by :meth:`forward_selected`; not saved in checkpoints."""
+        self._qbits = tuple(b for b in self.bits if b != FLOAT_BITS)
+        self.register_buffer("_bits_table", torch.tensor([float(b) for b in self._qbits] or [8.0]),
+                             persistent=False)
+        # a 1-element index for index_select: a 0-dim index tensor makes inductor read it on the
+        # host (item(): a graph break and a sync)
+        self.register_buffer("_selected", torch.tensor([max(len(self._qbits) - 1, 0)]), persistent=False)
+        self._selected_float = bool(self.bits) and max(self.bits) == FLOAT_BITS
+
+    def select(self, bits: int) -> None:
+        """Choose the bit-width :meth:`forward_selected` runs at (``fill_`` with a Python value: a
+        device write, no sync, and no new graph under ``torch.compile``)."""
+        bits = int(bits)
+        self._selected_float = bits == FLOAT_BITS
+        if not self._selected_float:
+            self._selected.fill_(self._qbits.index(bits))
+
+    def forward_selected(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward(x, bits)`` at the bit-width of :meth:`select`, with the step size, the grid
+        bounds and the gradient scale picked by a tensor index: one traced graph serves every
+        bit-width, so a compiled supernet does not recompile when the configuration changes. All
+        step sizes get a gradient (zeros for the unselected ones); the trainer drops the zeros of
+        step sizes no subnet of the step used (:func:`mpq.supernet.drop_unused_step_grads`)."""
+        if self._selected_float:
+            return x
+        if not self.is_initialized():
+            self.init_from(x.detach())
+        i = self._selected
+        step = torch.stack([self.step[str(b)] for b in self._qbits]).index_select(0, i).squeeze(0)
+        b = self._bits_table.index_select(0, i).squeeze(0)
+        if self.is_signed():
+            lo, hi = -torch.exp2(b - 1), torch.exp2(b - 1) - 1
+        else:
+            lo, hi = torch.zeros_like(b), torch.exp2(b) - 1
+        dtype = x.dtype
+        if dtype in LOW_PRECISION or step.dtype in LOW_PRECISION:   # codes in fp32 (see forward)
+            x, step = x.float(), step.float()
+        if not (torch.is_grad_enabled() and (x.requires_grad or step.requires_grad)):
+            return (torch.round(torch.clamp(x / step, lo, hi)) * step).to(dtype)
+        if self.use_grad_scale:
+            n = x[0].numel() if self.per_sample else x.numel() // step.numel()
+            g = torch.rsqrt(max(n, 1) * hi)
+        else:
+            g = torch.ones_like(hi)
+        return LsqFakeQuantTensorFn.apply(x, step, lo, hi, g).to(dtype)
 
     def _quantize(self, x: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
         qn, qp = self.grid(bits)

@@ -344,6 +344,32 @@ def set_bits(model: nn.Module, config: Mapping[str, Sequence[int]]) -> None:
         sbn.active = bn_key(src.w_bits, src.a_bits)
 
 
+def use_tensor_bits(model: nn.Module, enabled: bool = True) -> None:
+    """Make every quantized layer read its bit-widths from tensors (``train.compile``): a compiled
+    supernet then traces one graph for all configurations instead of one per configuration
+    (torch.compile guards on Python attributes such as ``w_bits``; it does not on tensor values).
+    Outputs equal the default path's; every step size of a layer then gets a gradient (zeros for
+    the unselected ones), which :func:`drop_unused_step_grads` removes before the optimizer step."""
+    for m in quant_layers(model).values():
+        m.bits_as_tensors = bool(enabled)
+        m.set_active(m.w_bits, m.a_bits)
+
+
+def drop_unused_step_grads(model: nn.Module, configs: Sequence[Mapping[str, Sequence[int]]]) -> None:
+    """Set to ``None`` the gradient of every step size whose bit-width no config of ``configs`` used
+    at that layer, so the optimizer (momentum, weight decay) leaves it alone, as when the default
+    path never touched it."""
+    for name, m in quant_layers(model).items():
+        if any(name not in c for c in configs):
+            continue   # a config without the layer ran it at whatever bits it had: keep its gradients
+        used_w = {int(c[name][0]) for c in configs}
+        used_a = {int(c[name][1]) for c in configs}
+        for quant, used in ((m.w_quant, used_w), (m.a_quant, used_a)):
+            for b, p in quant.step_sizes().items():
+                if b not in used:
+                    p.grad = None
+
+
 def get_bits(model: nn.Module) -> BitConfig:
     """The active configuration ``{layer_name: (w_bits, a_bits)}``."""
     return {n: (m.w_bits, m.a_bits) for n, m in quant_layers(model).items()}

@@ -42,7 +42,7 @@ from .optim import build_optimizers, set_learning_rates
 from .rundir import RunFolder
 from .runlog import RunLog, epoch_summary, metrics_entry
 from .sandwich import SubnetLoss, evaluation_configs, sample_configs
-from .supernet import BitConfig, quant_layers, set_bits
+from .supernet import BitConfig, drop_unused_step_grads, quant_layers, set_bits, use_tensor_bits
 from .train_setup import (build_components, build_train_data, build_training_supernet, claim_run_dir,
                           measured_note, needs_bn_recalibration, start_afresh, to_device)
 from .train_state import restore_training_state, training_state
@@ -107,6 +107,8 @@ class Trainer:
         self.total_steps = min(total, t["max_steps"]) if t["max_steps"] else total
         self.warmup_steps = int(round(t["warmup_epochs"] * self.steps_per_epoch))
         self.net, self.spec = build_training_supernet(cfg, self.info, self.device, self.env, data.calib_batch)
+        if t["compile"]:   # one traced graph for every bit configuration (no recompile per subnet)
+            use_tensor_bits(self.net)
         self.model = torch.compile(self.net) if t["compile"] else self.net   # evaluation
         self.ddp = wrap_ddp(self.net, self.env)   # gradient all-reduce overlapped with the last backward
         self.train_model = self.model if self.ddp is None else (
@@ -249,6 +251,8 @@ class Trainer:
                 sums[kind] = sums.get(kind, 0.0) + loss.detach().float()
                 counts[kind] = counts.get(kind, 0) + 1
             del teacher, t_feats
+        if t["compile"]:   # tensor bits gave every step size a gradient: zeros where no subnet ran it
+            drop_unused_step_grads(net, [c for _, c in configs])
         r2_params = list(self.r2.parameters()) if self.r2 is not None else []
         all_reduce_gradients(r2_params, self.env)   # outside the DDP module
         params = list(net.parameters()) + r2_params

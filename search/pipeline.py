@@ -110,8 +110,10 @@ def _refusal(folder: RunFolder, out_dir: str, world: int, device) -> Optional[Us
     except UserError as e:
         refused = e
     if world > 1:
-        flag = torch.tensor([float(refused is not None)])
-        torch.distributed.all_reduce(flag.to(device), op=torch.distributed.ReduceOp.MAX)
+        # reduced in place on the device (NCCL needs a CUDA tensor): a reduced copy would leave
+        # `flag` at this rank's own value, and the other ranks would go on without rank 0
+        flag = torch.tensor([float(refused is not None)], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         if refused is None and float(flag) > 0:
             refused = UserError(f"--out: rank 0 refused {out_dir!r}")
     return refused
