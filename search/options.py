@@ -98,6 +98,12 @@ class SearchOptions:
                                "half mutations, half crossovers)")
     generations: int = _opt(12, "evolution: generations")
     random_samples: int = _opt(150, "random: configurations drawn per budget")
+    greedy_start: str = _opt("max", "fast/naive: where the greedy walk starts: every layer at its "
+                                    "highest bits, or (sensitivity) each layer's weight and "
+                                    "activation at the lowest bits whose sensitivity loss increase "
+                                    "is at most --start-tolerance", ("max", "sensitivity"))
+    start_tolerance: float = _opt(0.005, "--greedy-start sensitivity: the calibration loss increase "
+                                         "a layer's bits may cost alone")
     refine: bool = _opt(True, "after the greedy walk, improve each budget's configuration by "
                               "bidirectional moves within the budget (one bit-width up, optionally "
                               "another one down)")
@@ -171,7 +177,10 @@ class SearchOptions:
             check_range("--seed", self.seed, 0, MAX_SEED, integer=True)
         check_range("--workers", self.workers, 0, MAX_WORKERS, integer=True)
         check_device("--device", self.device)
-        for name in ("eval_size", "refine_steps", "refresh", "workers", "margin", "refine_margin"):
+        if self.greedy_start == "sensitivity" and not (self.sensitivity or self.sensitivity_only):
+            raise UserError("--greedy-start sensitivity needs the sensitivity report: drop --no-sensitivity")
+        for name in ("eval_size", "refine_steps", "refresh", "workers", "margin", "refine_margin",
+                     "start_tolerance"):
             value = getattr(self, name)
             if not value >= 0 or not math.isfinite(value):  # also NaN and inf
                 raise UserError(f"{flag(name)}: must be a finite number >= 0, got {value}")

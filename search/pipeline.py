@@ -354,13 +354,15 @@ def _search(o: SearchOptions, single, listed, device, out_dir: str, folder: RunF
     uniform_counts = (counter - before).as_dict()
 
     show = main and not o.quiet
-    sensitivity_counts = _sensitivity(o, net, evaluator, cost, source, out_dir, folder, main, show, say)
+    sensitivity_rows, sensitivity_counts = _sensitivity(o, net, evaluator, cost, source, out_dir, folder,
+                                                        main, show, say)
     if o.sensitivity_only:
         return SearchOutcome(out_dir, {}, None, main)
     before = counter.copy()
     t0 = time.time()
     searched = run_strategy(o, net, evaluator, cost, targets, uniform, seed=seed, out_dir=out_dir,
-                            main=main, world=world, source_digest=source.digest, show=show)
+                            main=main, world=world, source_digest=source.digest, show=show,
+                            sensitivity=sensitivity_rows)
     search_seconds = time.time() - t0
     search_counts = (counter - before).as_dict()
     say(f"search ({o.strategy}): {searched.steps} steps, {search_counts['forwards']} subnet forward "
@@ -413,11 +415,12 @@ def _search(o: SearchOptions, single, listed, device, out_dir: str, folder: RunF
 
 
 def _sensitivity(o: SearchOptions, net, evaluator, cost, source: Source, out_dir: str, folder: RunFolder,
-                 main: bool, show: bool, say: Log) -> Optional[Dict[str, int]]:
+                 main: bool, show: bool, say: Log) -> Tuple[Optional[List[Dict[str, Any]]], Optional[Dict[str, int]]]:
     """With ``sensitivity`` (default), measure every layer's sensitivity and write
-    ``sensitivity.csv`` / ``sensitivity.png`` (rank 0); the forward passes it spent, or ``None``."""
+    ``sensitivity.csv`` / ``sensitivity.png`` (rank 0); ``(rows, forward passes spent)``, or
+    ``(None, None)``."""
     if not (o.sensitivity or o.sensitivity_only):
-        return None
+        return None, None
     from tqdm import tqdm
 
     from . import sensitivity
@@ -441,4 +444,4 @@ def _sensitivity(o: SearchOptions, net, evaluator, cost, source: Source, out_dir
             say(f"sensitivity: most sensitive {kind}s: {', '.join(top)}")
     if o.sensitivity_only:
         say(f"wrote {out_dir}/sensitivity.csv, sensitivity.png")
-    return (counter - before).as_dict()
+    return rows, (counter - before).as_dict()

@@ -97,7 +97,8 @@ def search_section(options, stats: Mapping[str, Any]) -> Dict[str, Any]:
     o = options
     return {"strategy": o.strategy, "score": o.score, "metric": o.metric,
             "select": o.select, "margin": o.margin, "refine": bool(o.refine),
-            "refine_margin": o.refine_margin,
+            "refine_margin": o.refine_margin, "greedy_start": o.greedy_start,
+            **({"start_tolerance": o.start_tolerance} if o.greedy_start == "sensitivity" else {}),
             "refine_top_k": o.refine_top_k, "refine_steps": o.refine_steps,
             "refine_forwards": stats["refine_forwards"],
             "top_k": o.top_k, "refresh": o.refresh, "proxy_batches": o.proxy_batches,

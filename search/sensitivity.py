@@ -144,3 +144,24 @@ def plot(path: str, rows: Sequence[Mapping[str, Any]], title: Optional[str] = No
     tmp = path + ".tmp.png"
     fig.savefig(tmp, format="png")
     os.replace(tmp, path)
+
+
+def tolerant_start(net, rows: Sequence[Mapping[str, Any]], tolerance: float) -> Dict[str, Tuple[int, int]]:
+    """A greedy start from the sensitivity report: every non-pinned layer's weight and activation
+    at the lowest bit-width whose loss increase (alone, others at max) is at most ``tolerance``,
+    else at its highest; pinned layers keep their bits. ``search.py --greedy-start sensitivity``."""
+    net = unwrap(net)
+    start = dict(max_config(net))
+    for name, layer in quant_layers(net).items():
+        if is_pinned(layer):
+            continue
+        w, a = start[name]
+        for r in rows:
+            if r["layer"] != name or r["loss_increase"] > tolerance:
+                continue
+            if r["kind"] == "weight":
+                w = min(w, int(r["bits"]))
+            else:
+                a = min(a, int(r["bits"]))
+        start[name] = (w, a)
+    return start

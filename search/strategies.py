@@ -94,12 +94,17 @@ def data_tag(source_digest: str, options, seed: int) -> str:
 
 def run_strategy(options, net, evaluator, cost, targets: Sequence[Target], uniform: Sequence[Dict[str, Any]],
                  *, seed: int, out_dir: str, main: bool, world: int, source_digest: str,
-                 show: bool) -> Searched:
+                 show: bool, sensitivity: Optional[Sequence[Dict[str, Any]]] = None) -> Searched:
     """Run ``options.strategy`` for ``targets`` (module docstring); ``uniform``: the uniform
-    configurations measured on the calibration samples (the greedy's pick rule uses them)."""
+    configurations measured on the calibration samples (the greedy's pick rule uses them);
+    ``sensitivity``: the rows of the sensitivity report (``--greedy-start sensitivity``)."""
     o = options
     if o.strategy in GREEDY_STRATEGIES:
-        return _greedy(o, net, evaluator, cost, targets, uniform, show)
+        start = None
+        if o.greedy_start == "sensitivity":
+            from .sensitivity import tolerant_start
+            start = tolerant_start(net, sensitivity or [], o.start_tolerance)
+        return _greedy(o, net, evaluator, cost, targets, uniform, show, start)
     if o.strategy == "reference":
         runs = [_reference(o, net, evaluator, cost, t, show) for t in targets]
     else:
@@ -121,7 +126,8 @@ def run_strategy(options, net, evaluator, cost, targets: Sequence[Target], unifo
 
 
 # ------------------------------------------------------------------------------------ strategies
-def _greedy(o, net, evaluator, cost, targets: Sequence[Target], uniform, show: bool) -> Searched:
+def _greedy(o, net, evaluator, cost, targets: Sequence[Target], uniform, show: bool,
+            start: Optional[Dict[str, Tuple[int, int]]] = None) -> Searched:
     """The greedy walk: down to the budgets (all must hold), or with ``full_path`` to the lowest
     configuration. Moves are scored against size only when no target constrains BitOPs."""
     from tqdm import tqdm
@@ -148,7 +154,7 @@ def _greedy(o, net, evaluator, cost, targets: Sequence[Target], uniform, show: b
                              cost_kind="size" if size_only else "bitops",
                              to_min=o.full_path, strategy=o.strategy, top_k=o.top_k,
                              refresh=o.refresh, score=o.score, metric=o.metric,
-                             progress=progress)
+                             start=start, progress=progress)
     bar.close()
     picker = Picker(net, evaluator, cost, result.path, uniform, o, show=show)
     return Searched(picker, [(f"greedy path ({o.strategy})", result.path)], len(result.path) - 1)

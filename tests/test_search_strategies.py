@@ -151,3 +151,28 @@ def test_batch_error_is_the_error_on_one_batch_with_its_own_bn_statistics(ckpt):
             expected = (ref(x).argmax(1) != y).float().mean().item()
         assert ev.batch_error(cfg, i) == pytest.approx(expected, abs=1e-9)
     assert ev.counter.proxy_evaluations == 2 and ev.counter.evaluations == 0
+
+
+def test_greedy_start_from_the_sensitivity_report(ckpt, net_cost, tmp_path):
+    from search.sensitivity import read_csv, tolerant_start
+    net, cost = net_cost
+    out = str(tmp_path / "seeded")
+    tol = 0.02
+    assert main(["--checkpoint", ckpt, "--out", out, "--greedy-start", "sensitivity", "--start-tolerance",
+                 str(tol), "--no-export", *FAST]) == 0
+    rows = read_csv(os.path.join(out, "sensitivity.csv"))
+    with open(os.path.join(out, "pareto.csv")) as f:
+        start = {n: tuple(v) for n, v in json.loads(next(csv.DictReader(f))["config"]).items()}
+    # independently: each layer's weight / activation at its lowest bits costing <= tol alone
+    for name, layer in mpq.quant_layers(net).items():
+        if mpq.supernet.is_pinned(layer):
+            assert start[name] == (8, 8)
+            continue
+        for k, kind in ((0, "weight"), (1, "activation")):
+            ok = [r["bits"] for r in rows if r["layer"] == name and r["kind"] == kind
+                  and r["loss_increase"] <= tol]
+            assert start[name][k] == min(ok + [6]), (name, kind)
+    assert start == tolerant_start(net, rows, tol)
+    assert _doc(out)["search"]["greedy_start"] == "sensitivity"
+    assert main(["--checkpoint", ckpt, "--out", str(tmp_path / "x"), "--greedy-start", "sensitivity",
+                 "--no-sensitivity", *FAST]) == 2
