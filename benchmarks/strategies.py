@@ -53,7 +53,7 @@ def _run(checkpoint: str, strategy: str, budget: float, seed: int, out_dir: str,
             "evaluations": doc["search"]["forwards"]["evaluations"] + doc["search"]["refine_forwards"]["evaluations"],
             "seconds": round(time.time() - t0, 1), "source": doc["source"],
             "layers": {n: [v["w_bits"], v["a_bits"]] for n, v in doc["layers"].items()},
-            **{k: v for k, v in extra.items()}}
+            **extra}
 
 
 def run(checkpoint: str, bits: List[int], seeds: List[int], population: int, log=print) -> Dict[str, Any]:

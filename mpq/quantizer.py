@@ -32,6 +32,14 @@ SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, FLOAT_BITS)
 LOW_PRECISION = (torch.bfloat16, torch.float16)   # dtypes the quantizer computes its codes above
 
 
+def _needs_fp32(x: torch.Tensor, step: torch.Tensor) -> bool:
+    """Whether the codes must be computed above the tensors' dtype: bf16 keeps 8 significant bits,
+    so ``x / s`` in bf16 moves values across rounding boundaries and changes codes
+    (tests/test_mixed_precision.py). Under autocast ``x`` arrives in bf16/fp16; in a model cast to
+    bf16 the step is bf16 too. The quantizer then works in fp32 and returns ``x``'s dtype."""
+    return x.dtype in LOW_PRECISION or step.dtype in LOW_PRECISION
+
+
 def qrange(bits: int, signed: bool) -> tuple[int, int]:
     """Return ``(Q_N, Q_P)``: the integer grid is ``[-Q_N, Q_P]``."""
     if signed:
@@ -363,11 +371,7 @@ class LsqQuantizer(nn.Module):
         if not self.is_initialized():
             self.init_from(x.detach())
         step = self.step[str(bits)]
-        if x.dtype in LOW_PRECISION or step.dtype in LOW_PRECISION:
-            # The codes in fp32: bf16 keeps 8 significant bits, so x / s in bf16 moves values across
-            # rounding boundaries and changes codes (tests/test_mixed_precision.py). Under autocast
-            # x arrives in bf16/fp16; in a model cast to bf16 the step is bf16 too. The output has
-            # x's dtype, as the next layer expects.
+        if _needs_fp32(x, step):
             return self._quantize(x.float(), step.float(), bits).to(x.dtype)
         return self._quantize(x, step, bits)
 
@@ -409,7 +413,7 @@ class LsqQuantizer(nn.Module):
         else:
             lo, hi = torch.zeros_like(b), torch.exp2(b) - 1
         dtype = x.dtype
-        if dtype in LOW_PRECISION or step.dtype in LOW_PRECISION:   # codes in fp32 (see forward)
+        if _needs_fp32(x, step):
             x, step = x.float(), step.float()
         if not (torch.is_grad_enabled() and (x.requires_grad or step.requires_grad)):
             return (torch.round(torch.clamp(x / step, lo, hi)) * step).to(dtype)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from mpq.errors import UserError
@@ -168,8 +168,11 @@ def _choices_and_base(net):
 
 
 def _annotate(steps: Sequence[Step], cost) -> None:
+    """Fill each step's ``bitops`` and ``size_bytes`` (as the greedy's path callback does)."""
+    from .greedy import _annotator
+    fill = _annotator(cost, None)
     for s in steps:
-        s.bitops, s.size_bytes = cost.bitops(s.config), cost.size_bytes(s.config)
+        fill(s)
 
 
 def _answer(evaluator, config, source: str) -> Dict[str, Any]:
@@ -224,9 +227,6 @@ def _population(o, net, evaluator, cost, t: Target, seed: int, state_path: Optio
 
     def fits(c) -> bool:
         return t.fits(cost, c)
-
-    def evaluate(c):
-        return evaluator.exact(c)
     total = o.generations if o.strategy == "evolution" else o.random_samples
     bar = tqdm(total=total, desc=f"search ({o.strategy}, {t.label})",
                unit="generation" if o.strategy == "evolution" else "sample", disable=not show,
@@ -240,14 +240,14 @@ def _population(o, net, evaluator, cost, t: Target, seed: int, state_path: Optio
     try:
         if o.strategy == "evolution":
             settings = evolution_settings(o, seed)
-            result = evolution_search(choices, base, evaluate, primary, limit, settings, o.metric,
+            result = evolution_search(choices, base, evaluator.exact, primary, limit, settings, o.metric,
                                       state_path, progress, fits=fits, tag=tag, resume=resume)
             what = (f"evolution: best of {result.stats['evaluations']} evaluated configurations over "
                     f"{settings.generations} generations of {settings.population}")
             if result.stats.get("resumed_from"):
                 what += f" (resumed after generation {result.stats['resumed_from']})"
         else:
-            result = random_search(choices, base, evaluate, primary, limit, o.random_samples, o.metric,
+            result = random_search(choices, base, evaluator.exact, primary, limit, o.random_samples, o.metric,
                                    seed=seed, progress=progress, fits=fits)
             what = f"random: best of {result.stats['evaluations']} random configurations within the budget"
     except ValueError as e:
@@ -258,6 +258,5 @@ def _population(o, net, evaluator, cost, t: Target, seed: int, state_path: Optio
     final = result.final
     answer = {"config": dict(final.config), "acc": final.result["acc"], "loss": final.result["loss"],
               "source": what}
-    result.stats.setdefault("settings", asdict(evolution_settings(o, seed)) if o.strategy == "evolution"
-                            else {"samples": o.random_samples, "seed": seed})
+    result.stats.setdefault("settings", {"samples": o.random_samples, "seed": seed})   # evolution has its own
     return result, answer
